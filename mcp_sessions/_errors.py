@@ -1,0 +1,143 @@
+"""Errors raised by the session runtime.
+
+Every error a caller can act on carries a stable ``code``: the stdio server
+turns these into tool execution errors (``isError: true``) with
+``{"error": {"code": ..., "message": ...}}``. The split follows trio's "you
+closed it" vs "it broke": :class:`SessionClosed` means someone ended the
+session on purpose, :class:`SessionExpired` that a timeout did.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from ._state import InvalidTransition, TerminationReason
+
+__all__ = [
+    "InvalidTransition",
+    "LimitExceeded",
+    "SessionClosed",
+    "SessionError",
+    "SessionExpired",
+    "SessionGone",
+    "SessionNotFound",
+    "SessionRequired",
+    "SessionSetupFailed",
+    "SettingsError",
+    "ShuttingDown",
+    "VersionConflict",
+]
+
+
+class SessionError(Exception):
+    """Base class of the runtime's errors; ``code`` is stable and machine-readable."""
+
+    code: ClassVar[str] = "session_error"
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class SessionNotFound(SessionError):
+    """No such session for this principal.
+
+    Deliberately says nothing more: an unknown handle, a malformed one and
+    another principal's handle must be indistinguishable.
+    """
+
+    code = "session_not_found"
+
+    def __init__(self, message: str = "no such session") -> None:
+        super().__init__(message)
+
+
+class SessionRequired(SessionError):
+    """The call needs a ``session`` handle and none was given (modern era)."""
+
+    code = "session_required"
+
+    def __init__(
+        self,
+        message: str = "this call needs a 'session' handle; open one with session_open",
+    ) -> None:
+        super().__init__(message)
+
+
+class SessionGone(SessionError):
+    """The session existed but has ended; ``reason`` says why."""
+
+    def __init__(self, session_id: str, reason: TerminationReason | None, message: str) -> None:
+        super().__init__(message)
+        self.session_id = session_id
+        self.reason = reason
+
+
+_EXPIRY_REASONS = frozenset({TerminationReason.IDLE_TIMEOUT, TerminationReason.LIFETIME_EXCEEDED})
+
+
+class SessionExpired(SessionGone):
+    """The session ended because it idled out or outlived its absolute lifetime."""
+
+    code = "session_expired"
+
+
+class SessionClosed(SessionGone):
+    """The session was ended on purpose (closed, evicted, disconnected, shut down, failed)."""
+
+    code = "session_closed"
+
+
+def gone(session_id: str, reason: TerminationReason | None) -> SessionGone:
+    """The right :class:`SessionGone` subclass for a session that ended for ``reason``."""
+    why = reason.value if reason is not None else "unknown"
+    if reason in _EXPIRY_REASONS:
+        return SessionExpired(session_id, reason, f"session {session_id} has expired ({why})")
+    return SessionClosed(session_id, reason, f"session {session_id} is closed ({why})")
+
+
+class LimitExceeded(SessionError):
+    """Opening another session would exceed a configured limit."""
+
+    code = "limit_exceeded"
+
+    def __init__(self, message: str, *, limit: int, scope: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.scope = scope
+
+
+class VersionConflict(SessionError):
+    """A state patch named an ``if_version`` that is not the current one."""
+
+    code = "version_conflict"
+
+    def __init__(self, expected: int, current: int) -> None:
+        super().__init__(
+            f"state version conflict: expected version {expected}, current version is {current}"
+        )
+        self.expected = expected
+        self.current = current
+
+
+class ShuttingDown(SessionError):
+    """The runtime is shutting down and admits no new sessions or requests."""
+
+    code = "shutting_down"
+
+    def __init__(self, message: str = "the session runtime is shutting down") -> None:
+        super().__init__(message)
+
+
+class SessionSetupFailed(SessionError):
+    """The ``setup`` hook failed or timed out; the session ended with reason ``error``."""
+
+    code = "session_setup_failed"
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be used; the message lists every problem, one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid settings:\n  " + "\n  ".join(problems))
+        self.problems = problems

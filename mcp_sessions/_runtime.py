@@ -1,0 +1,1189 @@
+"""The session runtime: sessions, the supervisor that owns them, and its tasks.
+
+Ownership
+=========
+
+::
+
+    Supervisor.run()  (one nursery: the supervisor nursery)
+       |- cleanup scanner      deadline heap -> idle_timeout / lifetime_exceeded; tombstone purge
+       |- observer dispatcher  bounded queue of TransitionEvents, delivered in order
+       '- one task per live session, holding that session's nursery
+             '- the session's background work (Session.start_soon)
+
+Request handlers are *not* owned by the supervisor: they run in the transport's
+task, inside :meth:`Supervisor.request`, which holds the session ACTIVE and
+registers a cancel scope with it so that ending the session cancels them.
+
+The only writer of ``Session.state`` is :meth:`Supervisor._transition`, which
+asks :func:`mcp_sessions._state.apply` for the new state, so every move is
+checked against the one table.
+
+Ending a session happens in two halves. :meth:`Supervisor._terminate` is
+synchronous: it moves the session to TERMINATING, records the reason, and
+cancels the session's requests and its nursery. The session's own task then
+wakes up, runs the ``teardown`` hook shielded with a timeout, moves to
+TERMINATED, leaves a tombstone and drops out of the registry. So a session
+never reaches TERMINATED while its task is still alive, and teardown runs in
+exactly one place, exactly once.
+
+Time: deadlines use ``trio.current_time()`` (so ``MockClock`` drives them);
+human-facing timestamps come from the injectable ``wall_clock``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+import enum
+import hashlib
+import heapq
+import logging
+import math
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from types import MappingProxyType, TracebackType
+from typing import Any
+
+import attrs
+import trio
+
+from ._errors import (
+    LimitExceeded,
+    SessionNotFound,
+    SessionSetupFailed,
+    ShuttingDown,
+    VersionConflict,
+    gone,
+)
+from ._jsonmerge import merge_patch
+from ._metrics import RuntimeMetrics, RuntimeStatistics, render_prometheus
+from ._settings import LimitPolicy, Settings
+from ._state import (
+    Event,
+    SessionState,
+    TerminationReason,
+    apply,
+    ready_event,
+    termination_event,
+)
+
+__all__ = [
+    "ClientInfo",
+    "Hooks",
+    "RequestScope",
+    "Session",
+    "SessionKind",
+    "SessionSnapshot",
+    "Supervisor",
+    "Tombstone",
+    "TransitionEvent",
+    "hash_handle",
+    "open_supervisor",
+]
+
+logger = logging.getLogger("mcp_sessions")
+
+_S = SessionState
+_LIVE_STATES = frozenset({_S.INITIALIZING, _S.ACTIVE, _S.IDLE})
+_EXPIRY_REASONS = frozenset({TerminationReason.IDLE_TIMEOUT, TerminationReason.LIFETIME_EXCEEDED})
+
+# The cancel scope of the request running in the current task, so that a
+# request which closes its own session (``session_close``) is not cancelled by
+# that close.
+_current_request: contextvars.ContextVar[trio.CancelScope | None] = contextvars.ContextVar(
+    "mcp_sessions_current_request", default=None
+)
+
+
+class SessionKind(enum.Enum):
+    """How a session came to be."""
+
+    #: Handshake era: one per connection, from open to EOF.
+    CONNECTION = "connection"
+    #: Any era: opened explicitly, referenced by a secret handle.
+    HANDLE = "handle"
+
+
+@attrs.frozen
+class ClientInfo:
+    """What the client said about itself."""
+
+    name: str | None = None
+    version: str | None = None
+    protocol_version: str | None = None
+    capabilities: Mapping[str, Any] = attrs.field(factory=dict, converter=MappingProxyType)
+
+
+_NO_CLIENT = ClientInfo()
+_NO_METADATA: Mapping[str, Any] = MappingProxyType({})
+
+
+def hash_handle(handle: str) -> str:
+    """The SHA-256 hex digest under which a handle is stored. Handles never are."""
+    return hashlib.sha256(handle.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@attrs.frozen(kw_only=True)
+class SessionSnapshot:
+    """A session at one moment. Wall-clock times are seconds since the epoch."""
+
+    #: Public, non-secret id: fine for logs, metrics and listings.
+    id: str
+    kind: SessionKind
+    principal: str
+    state: SessionState
+    #: Why it ended; ``None`` while live.
+    reason: TerminationReason | None
+    client: ClientInfo
+    metadata: Mapping[str, Any]
+    created_at: float
+    last_active: float
+    idle_timeout: float
+    #: When the absolute lifetime runs out.
+    expires_at: float
+    #: When it idles out if nothing happens (``None`` unless IDLE).
+    idle_expires_at: float | None
+    requests: int
+    errors: int
+    in_flight: int
+    background_tasks: int
+    #: Version of the state document; starts at 0, +1 per patch.
+    version: int
+
+
+@attrs.frozen(kw_only=True)
+class Tombstone:
+    """What is remembered of a terminated session until retention runs out."""
+
+    id: str
+    kind: SessionKind
+    principal: str
+    reason: TerminationReason | None
+    terminated_at: float
+    handle_hash: str | None = None
+
+    @property
+    def state(self) -> SessionState:
+        return _S.TERMINATED
+
+
+@attrs.frozen(kw_only=True)
+class TransitionEvent:
+    """What observers receive: one per state change (and one on creation)."""
+
+    session_id: str
+    kind: SessionKind
+    principal: str
+    #: ``None`` for the creation event.
+    previous: SessionState | None
+    state: SessionState
+    #: ``None`` for the creation event.
+    event: Event | None
+    reason: TerminationReason | None
+    #: Wall-clock time of the change.
+    at: float
+
+
+SetupHook = Callable[["Session"], Awaitable[None]]
+TeardownHook = Callable[["Session", TerminationReason], Awaitable[None]]
+Observer = Callable[[TransitionEvent], Awaitable[None]]
+
+
+@attrs.frozen(kw_only=True)
+class Hooks:
+    """Lifecycle hooks.
+
+    ``setup`` and ``teardown`` are awaited (with the timeouts in
+    :class:`Settings`); observers are called by the supervisor's dispatcher,
+    in order, off the request path.
+    """
+
+    #: Runs while the session is INITIALIZING; raising or timing out ends it with ``error``.
+    setup: SetupHook | None = None
+    #: Runs once while the session is TERMINATING, shielded from cancellation.
+    teardown: TeardownHook | None = None
+    #: Called with every :class:`TransitionEvent`; a failure is counted, never propagated.
+    observers: Sequence[Observer] = ()
+
+
+class Session:
+    """One session. Read it through :meth:`snapshot`; change it through the supervisor.
+
+    ``__slots__`` keeps a live session small: the runtime holds tens of
+    thousands of them.
+    """
+
+    __slots__ = (
+        "_background",
+        "_deadline_at",
+        "_deadline_seq",
+        "_doc",
+        "_done",
+        "_in_flight",
+        "_nursery",
+        "_parked",
+        "_requests_scopes",
+        "_supervisor",
+        "_torn_down",
+        "_version",
+        "client",
+        "created_at",
+        "created_time",
+        "deadline",
+        "errors",
+        "handle_hash",
+        "id",
+        "idle_since",
+        "idle_timeout",
+        "kind",
+        "last_active_time",
+        "metadata",
+        "principal",
+        "reason",
+        "requests",
+        "state",
+    )
+
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        *,
+        session_id: str,
+        kind: SessionKind,
+        principal: str,
+        client: ClientInfo,
+        metadata: Mapping[str, Any],
+        idle_timeout: float,
+        handle_hash: str | None,
+        now: float,
+        wall: float,
+        lifetime: float,
+    ) -> None:
+        self._supervisor = supervisor
+        self.id = session_id
+        self.kind = kind
+        self.principal = principal
+        self.client = client
+        self.metadata = metadata
+        self.idle_timeout = idle_timeout
+        self.handle_hash = handle_hash
+        self.state = _S.INITIALIZING
+        self.reason: TerminationReason | None = None
+        self.created_at = wall
+        self.created_time = now
+        self.last_active_time = now
+        self.idle_since = now
+        self.deadline = now + lifetime
+        self.requests = 0
+        self.errors = 0
+        self._in_flight = 0
+        self._doc: dict[str, Any] | None = None
+        self._version = 0
+        self._nursery: trio.Nursery | None = None
+        self._parked: trio.lowlevel.Task | None = None
+        self._background = 0  # background tasks running in the nursery
+        self._requests_scopes: set[trio.CancelScope] | None = None
+        self._deadline_seq = -1
+        self._deadline_at = math.inf
+        self._done: trio.Event | None = None
+        self._torn_down = False
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} {self.kind.value} {self.state.value}>"
+
+    # -- reading ---------------------------------------------------------
+
+    @property
+    def live(self) -> bool:
+        """True while the session accepts requests (not TERMINATING or TERMINATED)."""
+        return self.state in _LIVE_STATES
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def state_document(self) -> dict[str, Any]:
+        """A copy of the session's JSON state document."""
+        return copy.deepcopy(self._doc) if self._doc else {}
+
+    def snapshot(self) -> SessionSnapshot:
+        sup = self._supervisor
+        idle_expires = None
+        if self.state is _S.IDLE:
+            idle_expires = sup._wall_at(min(self.idle_since + self.idle_timeout, self.deadline))
+        return SessionSnapshot(
+            id=self.id,
+            kind=self.kind,
+            principal=self.principal,
+            state=self.state,
+            reason=self.reason,
+            client=self.client,
+            metadata=self.metadata,
+            created_at=self.created_at,
+            last_active=sup._wall_at(self.last_active_time),
+            idle_timeout=self.idle_timeout,
+            expires_at=sup._wall_at(self.deadline),
+            idle_expires_at=idle_expires,
+            requests=self.requests,
+            errors=self.errors,
+            in_flight=self._in_flight,
+            background_tasks=self._background,
+            version=self._version,
+        )
+
+    # -- changing --------------------------------------------------------
+
+    def patch_state(self, patch: Mapping[str, Any], *, if_version: int | None = None) -> int:
+        """Apply an RFC 7386 JSON Merge Patch to the state document; return the new version.
+
+        With ``if_version``, the patch applies only if the document is still at
+        that version; otherwise :class:`VersionConflict`.
+        """
+        self._check_live()
+        if if_version is not None and if_version != self._version:
+            raise VersionConflict(if_version, self._version)
+        self._doc = merge_patch(self._doc or {}, dict(patch))
+        self._version += 1
+        return self._version
+
+    def start_soon(
+        self, fn: Callable[..., Awaitable[object]], *args: object, name: str | None = None
+    ) -> None:
+        """Run ``fn(*args)`` as background work owned by this session.
+
+        It is cancelled when the session ends. If it raises, the error is
+        logged and counted and the session ends with reason ``error``; nothing
+        else is affected.
+        """
+        self._check_live()
+        assert self._nursery is not None
+        self._background += 1
+        self._nursery.start_soon(
+            self._supervisor._guard_background, self, fn, args, name=name or _task_name(fn)
+        )
+
+    def _check_live(self) -> None:
+        if self.state not in _LIVE_STATES:
+            raise gone(self.id, self.reason)
+
+
+def _task_name(fn: Callable[..., object]) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+class RequestScope:
+    """An async context manager around one request in a session.
+
+    Entering it refuses ended sessions (:class:`SessionExpired` /
+    :class:`SessionClosed`) and a stopping runtime (:class:`ShuttingDown`),
+    counts the request in flight (IDLE -> ACTIVE on the first one) and opens a
+    cancel scope registered with the session. Leaving it counts the request
+    and its duration, and on the last one moves ACTIVE -> IDLE. If the session
+    ended while the request ran, the body was cancelled and leaving raises the
+    matching :class:`SessionGone`, so the caller answers with an error.
+    """
+
+    __slots__ = ("_scope", "_start", "_supervisor", "_token", "session")
+
+    def __init__(self, supervisor: Supervisor, session: Session) -> None:
+        self._supervisor = supervisor
+        self.session = session
+        self._scope = trio.CancelScope()
+        self._start = 0.0
+        self._token: contextvars.Token[trio.CancelScope | None] | None = None
+
+    @property
+    def cancel_scope(self) -> trio.CancelScope:
+        return self._scope
+
+    async def __aenter__(self) -> RequestScope:
+        self._supervisor._begin_request(self.session, self._scope)
+        self._start = trio.current_time()
+        self._scope.__enter__()
+        self._token = _current_request.set(self._scope)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        assert self._token is not None
+        _current_request.reset(self._token)
+        try:
+            self._scope.__exit__(exc_type, exc, tb)
+        finally:
+            failed = exc is not None
+            self._supervisor._end_request(self.session, self._scope, self._start, failed=failed)
+        if self._scope.cancelled_caught:
+            # Our scope caught the cancellation: the session ended under us.
+            raise gone(self.session.id, self.session.reason) from None
+        return False
+
+
+class Supervisor:
+    """Owns every live session and the tasks that serve them.
+
+    Use :func:`open_supervisor`, or start :meth:`run` in a nursery of your own
+    with ``await nursery.start(supervisor.run)`` and call :meth:`shutdown` to
+    stop it.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        hooks: Hooks | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings or Settings()
+        self.hooks = hooks or Hooks()
+        self._wall_clock = wall_clock
+        self._metrics = RuntimeMetrics()
+        self._sessions: dict[str, Session] = {}
+        self._by_hash: dict[str, Session] = {}
+        self._per_principal: dict[str, int] = {}
+        # IDLE sessions in the order they became idle (oldest first), for eviction.
+        self._idle_order: dict[Session, None] = {}
+        self._idle_by_principal: dict[str, dict[Session, None]] = {}
+        # Deadline heap: (deadline, seq, session); a session's live entry has its _deadline_seq.
+        self._heap: list[tuple[float, int, Session]] = []
+        self._seq = 0
+        self._tombstones: dict[str, Tombstone] = {}
+        self._tombstones_by_hash: dict[str, Tombstone] = {}
+        self._tombstone_fifo: deque[tuple[float, str]] = deque()
+        self._in_flight = 0
+        self._nursery: trio.Nursery | None = None
+        self._admitting = False
+        self._stopping = False
+        self._started_time = 0.0
+        self._started_wall = 0.0
+        self._quiet: trio.Event | None = None  # set when no request is in flight
+        self._empty: trio.Event | None = None  # set when the registry is empty
+        self._stopped = trio.Event()
+        self._observer_send: trio.MemorySendChannel[TransitionEvent] | None = None
+        self._observer_receive: trio.MemoryReceiveChannel[TransitionEvent] | None = None
+        self._dispatcher_done: trio.Event | None = None
+        self._last_cleanup: float | None = None
+
+    # ------------------------------------------------------------------
+    # Running
+    # ------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run the supervisor until :meth:`shutdown` finishes (or this task is cancelled)."""
+        if self._nursery is not None:
+            raise RuntimeError("this supervisor is already running")
+        self._started_time = trio.current_time()
+        self._started_wall = self._wall_clock()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._scanner, name="mcp_sessions.scanner")
+                if self.hooks.observers:
+                    send, receive = trio.open_memory_channel[TransitionEvent](
+                        self.settings.observer_queue_size
+                    )
+                    self._observer_send, self._observer_receive = send, receive
+                    self._dispatcher_done = trio.Event()
+                    nursery.start_soon(self._dispatcher, name="mcp_sessions.observers")
+                self._admitting = True
+                task_status.started(self)
+                await trio.sleep_forever()
+        finally:
+            # Cancelled from outside without a shutdown: sessions still end with
+            # "shutdown" and run their teardown (each session task does that in
+            # its own finally, shielded), so nothing is left half-done.
+            self._admitting = False
+            self._stopping = True
+            self._stopped.set()
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop gracefully and return when everything has stopped.
+
+        Stops admitting sessions and requests, lets in-flight requests finish
+        for up to ``grace`` seconds (default ``settings.shutdown_grace``), then
+        ends every session with ``shutdown`` (cancelling what still runs),
+        waits for their teardowns, delivers the remaining observer events and
+        stops the supervisor's own tasks. Safe to call more than once.
+        """
+        if self._nursery is None:
+            raise RuntimeError("this supervisor is not running")
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        self._admitting = False
+        grace = self.settings.shutdown_grace if grace is None else grace
+        logger.info("shutting down: %d live sessions, %d requests in flight",
+                    len(self._sessions), self._in_flight)  # fmt: skip
+        with trio.move_on_after(grace):
+            while self._in_flight:
+                self._quiet = self._quiet or trio.Event()
+                await self._quiet.wait()
+        for session in list(self._sessions.values()):
+            self._terminate(session, TerminationReason.SHUTDOWN)
+        while self._sessions:
+            self._empty = self._empty or trio.Event()
+            await self._empty.wait()
+        if self._observer_send is not None and self._dispatcher_done is not None:
+            await self._observer_send.aclose()
+            with trio.move_on_after(self.settings.teardown_timeout):
+                await self._dispatcher_done.wait()
+        self._nursery.cancel_scope.cancel()
+        await self._stopped.wait()
+
+    # ------------------------------------------------------------------
+    # Sessions
+    # ------------------------------------------------------------------
+
+    async def create_session(
+        self,
+        *,
+        kind: SessionKind = SessionKind.HANDLE,
+        principal: str,
+        client: ClientInfo | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        idle_timeout: float | None = None,
+        handle: str | None = None,
+        ready: bool = True,
+    ) -> Session:
+        """Create a session and start its task; return it once set up.
+
+        The session is INITIALIZING while the ``setup`` hook runs; with
+        ``ready=True`` (the default, right for handle sessions) it then moves
+        on to IDLE. Handshake-era connection sessions pass ``ready=False`` and
+        call :meth:`mark_ready` on ``notifications/initialized``.
+
+        Raises :class:`LimitExceeded` at a limit (after trying to evict under
+        ``LimitPolicy.EVICT_IDLE``), :class:`ShuttingDown` while stopping, and
+        :class:`SessionSetupFailed` if ``setup`` failed (the session has then
+        ended with ``error``).
+        """
+        await self._admit(principal)
+        nursery = self._nursery
+        assert nursery is not None
+        now = trio.current_time()
+        session = Session(
+            self,
+            session_id=_new_session_id(),
+            kind=kind,
+            principal=principal,
+            client=client or _NO_CLIENT,
+            metadata=MappingProxyType(dict(metadata)) if metadata else _NO_METADATA,
+            idle_timeout=self.settings.idle_timeout if idle_timeout is None else idle_timeout,
+            handle_hash=hash_handle(handle) if handle is not None else None,
+            now=now,
+            wall=self._wall_clock(),
+            lifetime=self.settings.max_lifetime,
+        )
+        # Register before the first checkpoint, so limits see the slot taken.
+        self._sessions[session.id] = session
+        if session.handle_hash is not None:
+            self._by_hash[session.handle_hash] = session
+        self._per_principal[principal] = self._per_principal.get(principal, 0) + 1
+        self._metrics.live[_S.INITIALIZING] += 1
+        RuntimeMetrics.bump(self._metrics.created, kind.value)
+        self._emit(session, None, None)
+        await nursery.start(self._session_task, session, name=f"mcp_sessions.session.{session.id}")
+        if session.state is _S.TERMINATING or session.state is _S.TERMINATED:
+            raise SessionSetupFailed(
+                f"session {session.id} failed during setup and was closed ({_reason(session)})"
+            )
+        if ready:
+            self.mark_ready(session)
+        else:
+            self._schedule_deadline(session)
+        return session
+
+    async def open_handle_session(
+        self,
+        *,
+        principal: str,
+        client: ClientInfo | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        idle_timeout: float | None = None,
+    ) -> tuple[Session, str]:
+        """Create a handle session; return it and its secret handle.
+
+        The handle is 256 bits from :mod:`secrets`, URL-safe. Only its SHA-256
+        is kept: give the handle to the client and forget it.
+        """
+        handle = secrets.token_urlsafe(32)
+        session = await self.create_session(
+            kind=SessionKind.HANDLE,
+            principal=principal,
+            client=client,
+            metadata=metadata,
+            idle_timeout=idle_timeout,
+            handle=handle,
+        )
+        return session, handle
+
+    def mark_ready(self, session: Session) -> None:
+        """INITIALIZING -> IDLE (or ACTIVE if a request is in flight).
+
+        Raises :class:`SessionClosed`/:class:`SessionExpired` if it has ended.
+        """
+        session._check_live()
+        self._transition(session, ready_event(session._in_flight))
+        if session.state is _S.IDLE:
+            self._enter_idle(session, trio.current_time())
+        else:
+            self._schedule_deadline(session)
+
+    async def close(
+        self, session: Session, reason: TerminationReason = TerminationReason.CLOSED
+    ) -> None:
+        """End a session and wait until it is TERMINATED (teardown done).
+
+        Closing an ended session is a no-op. When called from a request in
+        that same session (a ``session_close`` tool), that request is not
+        cancelled.
+        """
+        self._terminate(session, reason)
+        await self.wait_terminated(session)
+
+    def terminate(self, session: Session, reason: TerminationReason) -> bool:
+        """Start ending a session without waiting; False if it was already ending."""
+        return self._terminate(session, reason)
+
+    async def wait_terminated(self, session: Session) -> None:
+        """Wait until the session is TERMINATED."""
+        if session.state is _S.TERMINATED:
+            return
+        session._done = session._done or trio.Event()
+        await session._done.wait()
+
+    def request(self, session: Session) -> RequestScope:
+        """``async with supervisor.request(session):`` around one request.
+
+        See :class:`RequestScope`.
+        """
+        return RequestScope(self, session)
+
+    # -- lookup ---------------------------------------------------------
+
+    def get(self, session_id: str) -> Session:
+        """The live session with this public id.
+
+        Raises :class:`SessionExpired`/:class:`SessionClosed` for a remembered
+        ended one and :class:`SessionNotFound` otherwise.
+        """
+        session = self._sessions.get(session_id)
+        if session is not None and session.live:
+            return session
+        if session is not None:
+            raise gone(session.id, session.reason)
+        tomb = self._tombstones.get(session_id)
+        if tomb is not None:
+            raise gone(tomb.id, tomb.reason)
+        raise SessionNotFound()
+
+    def resolve_handle(self, handle: str, principal: str) -> Session:
+        """The live session this handle names, if it belongs to ``principal``.
+
+        Another principal's handle, a malformed one and an unknown one all
+        raise the same :class:`SessionNotFound`: possession of a handle is not
+        authentication.
+        """
+        digest = hash_handle(handle)
+        session = self._by_hash.get(digest)
+        cells = self._metrics.handle_validations
+        if session is not None and session.principal == principal:
+            if session.live:
+                RuntimeMetrics.bump(cells, "ok")
+                return session
+            RuntimeMetrics.bump(cells, "gone")
+            raise gone(session.id, session.reason)
+        tomb = self._tombstones_by_hash.get(digest)
+        if session is None and tomb is not None and tomb.principal == principal:
+            RuntimeMetrics.bump(cells, "gone")
+            raise gone(tomb.id, tomb.reason)
+        RuntimeMetrics.bump(cells, "not_found")
+        raise SessionNotFound()
+
+    def sessions(self, principal: str | None = None) -> list[SessionSnapshot]:
+        """Snapshots of the live sessions (of one principal, if given), oldest first."""
+        return [
+            s.snapshot()
+            for s in self._sessions.values()
+            if principal is None or s.principal == principal
+        ]
+
+    def tombstone(self, session_id: str) -> Tombstone | None:
+        return self._tombstones.get(session_id)
+
+    @property
+    def live_count(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def admitting(self) -> bool:
+        return self._admitting
+
+    # -- metrics ----------------------------------------------------------
+
+    def statistics(self) -> RuntimeStatistics:
+        """A consistent, frozen snapshot of the runtime's metrics."""
+        uptime = trio.current_time() - self._started_time if self._nursery is not None else 0.0
+        return RuntimeStatistics.from_cells(
+            self._metrics, tombstones=len(self._tombstones), uptime=uptime
+        )
+
+    def render_prometheus(self) -> str:
+        """Prometheus text exposition of :meth:`statistics`."""
+        return render_prometheus(self.statistics())
+
+    @property
+    def last_cleanup(self) -> float | None:
+        """Wall-clock time of the last scanner tick."""
+        return self._last_cleanup
+
+    # ------------------------------------------------------------------
+    # Internals: the state machine's one writer
+    # ------------------------------------------------------------------
+
+    def _transition(
+        self, session: Session, event: Event, reason: TerminationReason | None = None
+    ) -> None:
+        previous = session.state
+        new = apply(previous, event)  # raises InvalidTransition, state unchanged
+        session.state = new
+        live = self._metrics.live
+        live[previous] -= 1
+        if new is not _S.TERMINATED:
+            live[new] += 1
+        if previous is _S.IDLE:
+            self._leave_idle(session)
+        self._emit(session, previous, event, reason)
+
+    def _emit(
+        self,
+        session: Session,
+        previous: SessionState | None,
+        event: Event | None,
+        reason: TerminationReason | None = None,
+    ) -> None:
+        send = self._observer_send
+        if send is None:
+            return
+        try:
+            send.send_nowait(
+                TransitionEvent(
+                    session_id=session.id,
+                    kind=session.kind,
+                    principal=session.principal,
+                    previous=previous,
+                    state=session.state,
+                    event=event,
+                    reason=reason if reason is not None else session.reason,
+                    at=self._wall_clock(),
+                )
+            )
+        except trio.WouldBlock:
+            self._metrics.observer_dropped += 1
+        except trio.ClosedResourceError:
+            pass
+
+    def _terminate(self, session: Session, reason: TerminationReason) -> bool:
+        if session.state not in _LIVE_STATES:
+            return False
+        event = termination_event(reason)
+        session.reason = reason
+        try:
+            self._transition(session, event, reason)
+        except BaseException:
+            session.reason = None
+            raise
+        level = logging.WARNING if reason is TerminationReason.ERROR else logging.INFO
+        if logger.isEnabledFor(level):
+            logger.log(level, "session %s terminating: %s", session.id, reason.value,
+                       extra={"session_id": session.id})  # fmt: skip
+        current = _current_request.get()
+        if session._requests_scopes:
+            for scope in session._requests_scopes:
+                if scope is not current:
+                    scope.cancel()
+        parked = session._parked
+        if parked is not None:
+            # The usual case: the session task is parked with nothing to cancel
+            # but its own wait. Waking it is far cheaper than a cancellation.
+            session._parked = None
+            trio.lowlevel.reschedule(parked)
+        nursery = session._nursery
+        if nursery is not None and (parked is None or session._background):
+            nursery.cancel_scope.cancel()
+        return True
+
+    def _enter_idle(self, session: Session, now: float) -> None:
+        session.idle_since = now
+        self._idle_order[session] = None
+        per = self._idle_by_principal.get(session.principal)
+        if per is None:
+            per = self._idle_by_principal[session.principal] = {}
+        per[session] = None
+        self._schedule_deadline(session)
+
+    def _leave_idle(self, session: Session) -> None:
+        self._idle_order.pop(session, None)
+        per = self._idle_by_principal.get(session.principal)
+        if per is not None:
+            per.pop(session, None)
+            if not per:
+                del self._idle_by_principal[session.principal]
+
+    # -- deadlines ----------------------------------------------------------
+
+    @staticmethod
+    def _effective_deadline(session: Session) -> float:
+        if session.state is _S.IDLE:
+            return min(session.idle_since + session.idle_timeout, session.deadline)
+        return session.deadline
+
+    def _schedule_deadline(self, session: Session) -> None:
+        """Make sure the heap holds an entry no later than the session's deadline.
+
+        Each session keeps one current entry (its ``_deadline_seq``); an entry
+        that is earlier than needed is re-pushed lazily when it comes due, so
+        busy sessions do not push an entry per request.
+        """
+        deadline = self._effective_deadline(session)
+        if session._deadline_seq >= 0 and session._deadline_at <= deadline:
+            return
+        self._seq += 1
+        session._deadline_seq = self._seq
+        session._deadline_at = deadline
+        heapq.heappush(self._heap, (deadline, self._seq, session))
+
+    # ------------------------------------------------------------------
+    # Internals: admission, requests
+    # ------------------------------------------------------------------
+
+    async def _admit(self, principal: str) -> None:
+        settings = self.settings
+        while True:
+            if not self._admitting:
+                raise ShuttingDown()
+            if len(self._sessions) >= settings.max_sessions:
+                scope, limit = "global", settings.max_sessions
+                candidates: Mapping[Session, None] | None = self._idle_order
+            elif self._per_principal.get(principal, 0) >= settings.max_sessions_per_principal:
+                scope, limit = f"principal {principal!r}", settings.max_sessions_per_principal
+                candidates = self._idle_by_principal.get(principal)
+            else:
+                return
+            if settings.limit_policy is LimitPolicy.EVICT_IDLE and candidates:
+                victim = next(iter(candidates))
+                logger.info("evicting longest-idle session %s to admit a new one", victim.id,
+                            extra={"session_id": victim.id})  # fmt: skip
+                await self.close(victim, TerminationReason.EVICTED)
+                continue
+            if settings.limit_policy is LimitPolicy.EVICT_IDLE:
+                detail = "and no session in that scope is idle to evict"
+            else:
+                detail = "close a session first"
+            raise LimitExceeded(
+                f"session limit reached for {scope}: {limit} live sessions; {detail}",
+                limit=limit,
+                scope=scope,
+            )
+
+    def _begin_request(self, session: Session, scope: trio.CancelScope) -> None:
+        if session.state not in _LIVE_STATES:
+            raise gone(session.id, session.reason)
+        if self._stopping:
+            raise ShuttingDown()
+        session._in_flight += 1
+        self._in_flight += 1
+        session.last_active_time = trio.current_time()
+        if session._in_flight == 1 and session.state is _S.IDLE:
+            self._transition(session, Event.REQUEST_STARTED)
+        scopes = session._requests_scopes
+        if scopes is None:
+            scopes = session._requests_scopes = set()
+        scopes.add(scope)
+
+    def _end_request(
+        self, session: Session, scope: trio.CancelScope, started: float, *, failed: bool
+    ) -> None:
+        now = trio.current_time()
+        if session._requests_scopes is not None:
+            session._requests_scopes.discard(scope)
+        session._in_flight -= 1
+        self._in_flight -= 1
+        session.last_active_time = now
+        session.requests += 1
+        metrics = self._metrics
+        metrics.requests += 1
+        metrics.request_duration.observe(now - started)
+        if failed:
+            session.errors += 1
+            metrics.request_errors += 1
+        if session._in_flight == 0 and session.state is _S.ACTIVE:
+            self._transition(session, Event.LAST_REQUEST_FINISHED)
+            self._enter_idle(session, now)
+        if self._in_flight == 0 and self._quiet is not None:
+            self._quiet.set()
+            self._quiet = None
+
+    # ------------------------------------------------------------------
+    # Internals: the supervisor's tasks
+    # ------------------------------------------------------------------
+
+    async def _session_task(
+        self, session: Session, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Hold the session's nursery from creation until it is TERMINATED."""
+        try:
+            async with trio.open_nursery() as nursery:
+                session._nursery = nursery
+                if session.state is not _S.INITIALIZING:  # ended before we ran
+                    nursery.cancel_scope.cancel()
+                elif self.hooks.setup is not None:
+                    await self._run_setup(session)
+                task_status.started()
+                if session.state in _LIVE_STATES:
+                    await _park(session)
+                if session._background:
+                    nursery.cancel_scope.cancel()
+        finally:
+            # Cancelled from outside (the supervisor itself is being cancelled)
+            # rather than terminated: end it as a shutdown.
+            self._terminate(session, TerminationReason.SHUTDOWN)
+            if self.hooks.teardown is not None:
+                with trio.CancelScope(shield=True):
+                    await self._teardown(session)
+            self._finish(session)
+
+    async def _run_setup(self, session: Session) -> None:
+        setup = self.hooks.setup
+        assert setup is not None
+        with trio.move_on_after(self.settings.setup_timeout) as timeout:
+            try:
+                await setup(session)
+            except Exception:
+                logger.exception("setup hook failed for session %s", session.id,
+                                 extra={"session_id": session.id})  # fmt: skip
+                RuntimeMetrics.bump(self._metrics.hook_errors, "setup")
+                self._terminate(session, TerminationReason.ERROR)
+                return
+        if timeout.cancelled_caught and session.state is _S.INITIALIZING:
+            logger.error("setup hook timed out after %ss for session %s",
+                         self.settings.setup_timeout, session.id,
+                         extra={"session_id": session.id})  # fmt: skip
+            RuntimeMetrics.bump(self._metrics.hook_errors, "setup")
+            self._terminate(session, TerminationReason.ERROR)
+
+    async def _teardown(self, session: Session) -> None:
+        """Run the ``teardown`` hook, shielded and timed; failures are logged and counted."""
+        teardown = self.hooks.teardown
+        reason = session.reason
+        if teardown is None or reason is None or session._torn_down:
+            return
+        session._torn_down = True
+        with trio.move_on_after(self.settings.teardown_timeout, shield=True) as timeout:
+            try:
+                await teardown(session, reason)
+            except Exception:
+                logger.exception("teardown hook failed for session %s", session.id,
+                                 extra={"session_id": session.id})  # fmt: skip
+                RuntimeMetrics.bump(self._metrics.hook_errors, "teardown")
+        if timeout.cancelled_caught:
+            logger.error("teardown hook timed out for session %s", session.id,
+                         extra={"session_id": session.id})  # fmt: skip
+            RuntimeMetrics.bump(self._metrics.hook_errors, "teardown")
+
+    def _finish(self, session: Session) -> None:
+        """TERMINATING -> TERMINATED: leave a tombstone and drop out of the registry."""
+        session._torn_down = True
+        self._transition(session, Event.TEARDOWN_DONE, session.reason)
+        self._unregister(session)
+        if session._done is not None:
+            session._done.set()
+
+    def _unregister(self, session: Session) -> None:
+        del self._sessions[session.id]
+        if session.handle_hash is not None:
+            self._by_hash.pop(session.handle_hash, None)
+        remaining = self._per_principal[session.principal] - 1
+        if remaining:
+            self._per_principal[session.principal] = remaining
+        else:
+            del self._per_principal[session.principal]
+        session._deadline_seq = -1
+        kind, reason = session.kind.value, _reason(session)
+        cells = self._metrics.terminated
+        cells[(kind, reason)] = cells.get((kind, reason), 0) + 1
+        if self.settings.tombstone_retention > 0:
+            tomb = Tombstone(
+                id=session.id,
+                kind=session.kind,
+                principal=session.principal,
+                reason=session.reason,
+                terminated_at=self._wall_clock(),
+                handle_hash=session.handle_hash,
+            )
+            self._tombstones[tomb.id] = tomb
+            if tomb.handle_hash is not None:
+                self._tombstones_by_hash[tomb.handle_hash] = tomb
+            expires = trio.current_time() + self.settings.tombstone_retention
+            self._tombstone_fifo.append((expires, tomb.id))
+        if not self._sessions and self._empty is not None:
+            self._empty.set()
+            self._empty = None
+
+    async def _guard_background(
+        self, session: Session, fn: Callable[..., Awaitable[object]], args: tuple[object, ...]
+    ) -> None:
+        try:
+            await fn(*args)
+        except Exception:
+            logger.exception("background task %s of session %s failed", _task_name(fn),
+                             session.id, extra={"session_id": session.id})  # fmt: skip
+            self._metrics.background_errors += 1
+            self._terminate(session, TerminationReason.ERROR)
+        finally:
+            session._background -= 1
+
+    async def _scanner(self) -> None:
+        interval = self.settings.cleanup_interval
+        while True:
+            await trio.sleep(interval)
+            self.scan_once()
+
+    def scan_once(self) -> int:
+        """One cleanup tick: end what is due, purge old tombstones. Returns sessions ended.
+
+        Costs O(entries due), not O(live sessions): it only looks at the top
+        of the deadline heap.
+        """
+        now = trio.current_time()
+        self._metrics.cleanup_runs += 1
+        self._last_cleanup = self._wall_clock()
+        heap = self._heap
+        ended = 0
+        while heap and heap[0][0] <= now:
+            _, seq, session = heapq.heappop(heap)
+            if seq != session._deadline_seq:
+                continue  # superseded by a later entry
+            session._deadline_seq = -1
+            try:
+                ended += self._expire_if_due(session, now)
+            except Exception:
+                self._metrics.cleanup_errors += 1
+                logger.exception("cleanup failed for session %s", session.id,
+                                 extra={"session_id": session.id})  # fmt: skip
+        fifo = self._tombstone_fifo
+        while fifo and fifo[0][0] <= now:
+            _, session_id = fifo.popleft()
+            tomb = self._tombstones.pop(session_id, None)
+            if tomb is not None and tomb.handle_hash is not None:
+                self._tombstones_by_hash.pop(tomb.handle_hash, None)
+        return ended
+
+    def _expire_if_due(self, session: Session, now: float) -> int:
+        if session.state not in _LIVE_STATES:
+            return 0
+        if session.deadline <= now:
+            reason = TerminationReason.LIFETIME_EXCEEDED
+        elif session.state is _S.IDLE and session.idle_since + session.idle_timeout <= now:
+            reason = TerminationReason.IDLE_TIMEOUT
+        else:
+            self._schedule_deadline(session)  # not yet: the entry was early
+            return 0
+        self._terminate(session, reason)
+        self._metrics.expired += 1
+        return 1
+
+    async def _dispatcher(self) -> None:
+        assert self._observer_receive is not None
+        assert self._dispatcher_done is not None
+        try:
+            async with self._observer_receive as receive:
+                async for event in receive:
+                    for observer in self.hooks.observers:
+                        try:
+                            await observer(event)
+                        except Exception:
+                            RuntimeMetrics.bump(self._metrics.hook_errors, "observer")
+                            logger.exception("observer %r failed on %s", observer, event)
+        finally:
+            self._dispatcher_done.set()
+
+    # -- time -----------------------------------------------------------------
+
+    def _wall_at(self, t: float) -> float:
+        """Wall-clock time for a trio-clock instant."""
+        return self._started_wall + (t - self._started_time)
+
+
+async def _park(session: Session) -> None:
+    """Sleep until :meth:`Supervisor._terminate` wakes us (or we are cancelled)."""
+    session._parked = trio.lowlevel.current_task()
+
+    def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        session._parked = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+def _reason(session: Session) -> str:
+    return session.reason.value if session.reason is not None else "unknown"
+
+
+def _new_session_id() -> str:
+    return "s_" + secrets.token_hex(8)
+
+
+@asynccontextmanager
+async def open_supervisor(
+    settings: Settings | None = None,
+    *,
+    hooks: Hooks | None = None,
+    wall_clock: Callable[[], float] = time.time,
+) -> AsyncIterator[Supervisor]:
+    """Run a :class:`Supervisor` for the duration of the block.
+
+    Leaving the block shuts it down gracefully (see :meth:`Supervisor.shutdown`).
+    An exception from the block comes out as itself, not wrapped in an
+    exception group.
+    """
+    supervisor = Supervisor(settings, hooks=hooks, wall_clock=wall_clock)
+    with _unwrap_single_group():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.run)
+            try:
+                yield supervisor
+            finally:
+                with trio.CancelScope(shield=True):
+                    await supervisor.shutdown()
+
+
+@contextmanager
+def _unwrap_single_group() -> Iterator[None]:
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        exc: BaseException = group
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        if exc is group:
+            raise
+        raise exc from exc.__cause__
