@@ -55,7 +55,9 @@ def test_terminating_only_finishes_teardown() -> None:
 
 @pytest.mark.parametrize("reason", list(TerminationReason))
 @pytest.mark.parametrize("state", [S.ACTIVE, S.IDLE])
-def test_running_session_ends_for_every_reason(state: SessionState, reason: TerminationReason) -> None:
+def test_running_session_ends_for_every_reason(
+    state: SessionState, reason: TerminationReason
+) -> None:
     assert apply(state, TERMINATION_EVENTS[reason]) is S.TERMINATING
     assert reason_for(TERMINATION_EVENTS[reason]) is reason
 
