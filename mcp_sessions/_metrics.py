@@ -281,4 +281,3 @@ def render_prometheus(stats: RuntimeStatistics) -> str:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_SnapshotCollector(stats))
     return generate_latest(registry).decode("utf-8")
-

@@ -598,6 +598,7 @@ class Supervisor:
         self._emit(session, None, None)
         await nursery.start(self._session_task, session, name=f"mcp_sessions.session.{session.id}")
         if session.state is _S.TERMINATING or session.state is _S.TERMINATED:
+            await self.wait_terminated(session)
             raise SessionSetupFailed(
                 f"session {session.id} failed during setup and was closed ({_reason(session)})"
             )

@@ -127,6 +127,7 @@ def termination_event(reason: TerminationReason) -> Event:
     """The event that ends a session for ``reason``."""
     return _TERMINATION_EVENTS[reason]
 
+
 _S = SessionState
 _E = Event
 

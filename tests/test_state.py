@@ -135,7 +135,8 @@ def test_diagram_has_an_edge_for_every_table_entry() -> None:
     for source, row in TRANSITIONS.items():
         for event, target in row.items():
             edge = next(
-                line for line in diagram.splitlines()
+                line
+                for line in diagram.splitlines()
                 if line.strip().startswith(f"{source.name} --> {target.name}:")
             )
             labels = [part.strip() for part in edge.split(":", 1)[1].split(",")]
