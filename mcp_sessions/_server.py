@@ -158,6 +158,7 @@ _current: contextvars.ContextVar[SessionContext | None] = contextvars.ContextVar
 class _Connection:
     """One stdio stream: its era once decided, and its connection session (handshake era)."""
 
+    layer: SessionLayer
     era: str | None = None
     session: Session | None = None
 
@@ -255,7 +256,7 @@ class SessionLayer:
         self, ctx: ServerRequestContext[Any, Any], call_next: CallNext
     ) -> HandlerResult:
         connection = _connection_var.get()
-        if connection is None:  # not a connection we serve
+        if connection is None or connection.layer is not self:  # not a connection we serve
             return await call_next(ctx)
         method = ctx.method
         if ctx.request_id is None:
@@ -535,7 +536,9 @@ def install_session_tools(server: MCPServer[Any]) -> None:
 
 
 def install_session_resources(server: MCPServer[Any]) -> None:
-    """Register ``sessions://health`` and ``sessions://metrics`` on ``server``."""
+    """Register ``sessions://health`` and ``sessions://metrics`` on ``server`` (idempotent)."""
+    if server._resource_manager._resources.get(HEALTH_URI) is not None:
+        return
     server.add_resource(
         FunctionResource.from_function(
             _health_resource,
@@ -566,7 +569,7 @@ async def serve_connection(
 ) -> None:
     """Serve one connection (one stream pair) with ``layer``; end its session at EOF."""
     lowlevel = server._lowlevel_server
-    connection = _Connection()
+    connection = _Connection(layer)
     token = _connection_var.set(connection)
     try:
         async with lowlevel.lifespan(lowlevel) as lifespan_state:
