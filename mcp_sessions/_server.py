@@ -304,6 +304,8 @@ class SessionLayer:
         if session is None:
             return await call_next(ctx)
         sid_token = _log_session_id.set(session.id)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("tool call %r", params.get("name"))
         try:
             async with self.supervisor.request(session) as scope:
                 token = _current.set(SessionContext(session, self.supervisor))
