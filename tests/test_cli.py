@@ -69,8 +69,9 @@ async def test_serve_logs_json_with_correlation_to_stderr_only(tmp_path: Path) -
             while chunk := await proc.stdout.receive_some(65536):
                 out += chunk
             assert await proc.wait() == 0
-    replies = [json.loads(line) for line in out.splitlines()]
-    assert [r["id"] for r in replies] == [0, 1, 2]
+    # Pipelined requests run concurrently: replies may come in any order.
+    replies = {r["id"]: r for r in (json.loads(line) for line in out.splitlines())}
+    assert sorted(replies) == [0, 1, 2]
     handle = replies[1]["result"]["structuredContent"]["session"]
     assert replies[2]["result"]["structuredContent"]["kind"] == "connection"
     logs = [json.loads(line) for line in stderr_path.read_text().splitlines()]
