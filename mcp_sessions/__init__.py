@@ -30,13 +30,28 @@ from ._runtime import (
     hash_handle,
     open_supervisor,
 )
+from ._server import (
+    SESSION_TOOLS,
+    CorrelationFilter,
+    SessionContext,
+    SessionLayer,
+    current_session,
+    default_principal,
+    run_stdio,
+    serve_stdio,
+    session_context,
+)
 from ._settings import LimitPolicy, Settings
 from ._state import Event, SessionState, TerminationReason
+from ._transport import DEFAULT_MAX_MESSAGE_SIZE, StdioTransport
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "SESSION_TOOLS",
     "ClientInfo",
+    "CorrelationFilter",
     "Event",
     "HistogramSnapshot",
     "Hooks",
@@ -47,10 +62,12 @@ __all__ = [
     "RuntimeStatistics",
     "Session",
     "SessionClosed",
+    "SessionContext",
     "SessionError",
     "SessionExpired",
     "SessionGone",
     "SessionKind",
+    "SessionLayer",
     "SessionNotFound",
     "SessionRequired",
     "SessionSetupFailed",
@@ -59,13 +76,19 @@ __all__ = [
     "Settings",
     "SettingsError",
     "ShuttingDown",
+    "StdioTransport",
     "Supervisor",
     "TerminationReason",
     "Tombstone",
     "TransitionEvent",
     "VersionConflict",
     "__version__",
+    "current_session",
+    "default_principal",
     "hash_handle",
     "open_supervisor",
     "render_prometheus",
+    "run_stdio",
+    "serve_stdio",
+    "session_context",
 ]

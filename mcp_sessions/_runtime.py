@@ -391,7 +391,7 @@ class RequestScope:
     matching :class:`SessionGone`, so the caller answers with an error.
     """
 
-    __slots__ = ("_scope", "_start", "_supervisor", "_token", "session")
+    __slots__ = ("_failed", "_scope", "_start", "_supervisor", "_token", "session")
 
     def __init__(self, supervisor: Supervisor, session: Session) -> None:
         self._supervisor = supervisor
@@ -399,6 +399,11 @@ class RequestScope:
         self._scope = trio.CancelScope()
         self._start = 0.0
         self._token: contextvars.Token[trio.CancelScope | None] | None = None
+        self._failed = False
+
+    def mark_failed(self) -> None:
+        """Count this request as an error even though it returns normally (a tool error result)."""
+        self._failed = True
 
     @property
     def cancel_scope(self) -> trio.CancelScope:
@@ -422,7 +427,7 @@ class RequestScope:
         try:
             self._scope.__exit__(exc_type, exc, tb)
         finally:
-            failed = exc is not None
+            failed = exc is not None or self._failed
             self._supervisor._end_request(self.session, self._scope, self._start, failed=failed)
         if self._scope.cancelled_caught:
             # Our scope caught the cancellation: the session ended under us.

@@ -1,0 +1,163 @@
+"""``mcp-sessions serve``: the built-in session server over stdio.
+
+Every option has an ``MCP_SESSIONS_*`` environment variable; the command line
+wins over the environment, which wins over the defaults. Logs go to stderr;
+stdout carries nothing but MCP messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ._errors import SettingsError
+from ._server import CorrelationFilter, run_stdio
+from ._settings import Settings
+from ._transport import DEFAULT_MAX_MESSAGE_SIZE
+
+__all__ = ["build_parser", "build_server", "main"]
+
+_ENV = "MCP_SESSIONS_"
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            "session_id": getattr(record, "session_id", "-"),
+            "request_id": getattr(record, "request_id", "-"),
+        }
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        return json.dumps(data)
+
+
+_TEXT_FORMAT = (
+    "%(asctime)s %(levelname)s %(name)s [session=%(session_id)s request=%(request_id)s] %(message)s"
+)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """Log to stderr, every line carrying the session id and request id."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(CorrelationFilter())
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else logging.Formatter(_TEXT_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("mcp_sessions").setLevel(level.upper())
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(_ENV + name, default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mcp-sessions",
+        description="Session management for MCP servers, on Trio.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="run the built-in session server over stdio",
+        description="Run the built-in MCP session server over stdio. Every option can also be "
+        "set with the MCP_SESSIONS_<OPTION> environment variable (e.g. "
+        "MCP_SESSIONS_IDLE_TIMEOUT=600).",
+    )
+    opt = serve.add_argument
+    opt("--store", default=_env("STORE", "memory:"),
+        help="session store URL; only 'memory:' for now (env MCP_SESSIONS_STORE)")  # fmt: skip
+    opt("--idle-timeout", type=float, default=_env("IDLE_TIMEOUT"),
+        help="seconds an idle session lives (default 1800)")  # fmt: skip
+    opt("--max-lifetime", type=float, default=_env("MAX_LIFETIME"),
+        help="absolute session lifetime in seconds (default 28800)")  # fmt: skip
+    opt("--max-sessions", type=int, default=_env("MAX_SESSIONS"),
+        help="most live sessions (default 10000)")  # fmt: skip
+    opt("--max-sessions-per-principal", type=int, default=_env("MAX_SESSIONS_PER_PRINCIPAL"),
+        help="most live sessions per principal (default 100)")  # fmt: skip
+    opt("--cleanup-interval", type=float, default=_env("CLEANUP_INTERVAL"),
+        help="cleanup scanner tick in seconds (default 1)")  # fmt: skip
+    opt("--shutdown-grace", type=float, default=_env("SHUTDOWN_GRACE"),
+        help="seconds in-flight requests get at shutdown (default 10)")  # fmt: skip
+    opt("--max-message-size", type=int, default=_env("MAX_MESSAGE_SIZE"),
+        help=f"longest accepted message in bytes (default {DEFAULT_MAX_MESSAGE_SIZE})")  # fmt: skip
+    opt("--principal", default=_env("PRINCIPAL"),
+        help="principal owning this connection's sessions (default: the OS user)")  # fmt: skip
+    opt("--log-level", default=_env("LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"], type=str.lower,
+        help="log level for stderr (default info)")  # fmt: skip
+    opt("--log-format", default=_env("LOG_FORMAT", "text"), choices=["text", "json"],
+        help="log line format on stderr (default text)")  # fmt: skip
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The runtime :class:`Settings` the options ask for (unset options keep defaults)."""
+    keys = {
+        "idle_timeout": (args.idle_timeout, float),
+        "max_lifetime": (args.max_lifetime, float),
+        "max_sessions": (args.max_sessions, int),
+        "max_sessions_per_principal": (args.max_sessions_per_principal, int),
+        "cleanup_interval": (args.cleanup_interval, float),
+        "shutdown_grace": (args.shutdown_grace, float),
+    }
+    data: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, (value, kind) in keys.items():
+        if value is None:
+            continue
+        try:
+            data[key] = kind(value)
+        except ValueError:
+            problems.append(f"{key}: expected a number, got {value!r}")
+    if problems:
+        raise SettingsError(problems)
+    return Settings.from_mapping(data)
+
+
+def build_server() -> Any:
+    """The built-in server: only the session tools and resources."""
+    from mcp.server.mcpserver import MCPServer
+
+    from . import __version__
+
+    return MCPServer(
+        "mcp-sessions",
+        version=__version__,
+        instructions="Session tools: open a session with session_open and pass its handle as "
+        "'session' to the other session_* tools.",
+    )
+
+
+def main(argv: Sequence[str] | None = None, *, server: Any = None) -> int:
+    """Run the command line; ``server`` replaces the built-in server (for embedding)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level, args.log_format)
+    if args.store not in ("memory:", "memory"):
+        parser.error(f"unsupported store {args.store!r}: only 'memory:' is available")
+    try:
+        settings = settings_from_args(args)
+        max_message_size = (
+            int(args.max_message_size) if args.max_message_size else DEFAULT_MAX_MESSAGE_SIZE
+        )
+    except (SettingsError, ValueError) as exc:
+        parser.error(str(exc))
+    run_stdio(
+        server if server is not None else build_server(),
+        settings=settings,
+        principal=args.principal or None,
+        max_message_size=max_message_size,
+    )
+    return 0

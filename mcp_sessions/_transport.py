@@ -1,0 +1,398 @@
+"""A trio-native stdio transport that feeds the ``mcp`` SDK's dispatch.
+
+Theory of operation
+===================
+
+The SDK's serving loop (``serve_dual_era_loop``) wants a pair of streams:
+``ReadStream[SessionMessage | Exception]`` and ``WriteStream[SessionMessage]``.
+This module provides both over any pair of trio byte streams (on stdio, two
+:class:`trio.lowlevel.FdStream`, so no thread ever reads stdin)::
+
+    stdin bytes -> _reader (framing, size bound, parse, error replies) -> memory stream -> SDK
+    SDK -> _LineWriter.send (serialize, one whole line at a time, under a lock) -> stdout bytes
+
+Framing is newline-delimited JSON. The reader answers what the SDK would drop
+silently: a line that is not JSON (or not UTF-8) gets ``-32700`` with id
+``null``; a JSON value that is not a request object gets ``-32600``; a line
+longer than ``max_message_size`` gets ``-32600`` as soon as it crosses the
+bound and is then skipped to its newline, so memory stays bounded.
+
+The transport tracks the ids of requests it has handed to the SDK until their
+answer is written (or the client cancels them). That is what a graceful stop
+waits for: on EOF, SIGINT or SIGTERM it stops reading, lets those requests
+finish for up to ``grace`` seconds, and only then tells the SDK the input has
+ended (the SDK cancels whatever is still running at that point). A broken
+stdout (the client is gone) stops at once: nobody is left to answer.
+
+Writes are shielded so a line is never cut in half by a cancellation; a hard
+stop cancels them explicitly and marks the output broken, after which nothing
+more is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import signal
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import trio
+from mcp.shared.message import SessionMessage
+from mcp_types import (
+    INVALID_REQUEST,
+    PARSE_ERROR,
+    ErrorData,
+    JSONRPCError,
+    JSONRPCNotification,
+    JSONRPCRequest,
+    JSONRPCResponse,
+    jsonrpc_message_adapter,
+)
+from pydantic import ValidationError
+
+__all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "StdioTransport"]
+
+logger = logging.getLogger("mcp_sessions.transport")
+
+#: Longest accepted message, in bytes, newline excluded.
+DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+_CHUNK = 65536
+#: How often a watchdog checks whether the client closed our stdout.
+_STDOUT_POLL_INTERVAL = 0.25
+
+RequestKey = int | str
+ServeLoop = Callable[[Any, Any], Awaitable[None]]
+
+
+class _LineWriter:
+    """The SDK's write stream: serializes each message and writes it as one line.
+
+    Writes go one at a time (a FIFO lock) and are shielded, so a cancelled
+    handler cannot leave half a line on the wire. A failed write marks the
+    output broken and asks the transport to stop; later messages are dropped.
+    """
+
+    def __init__(self, transport: StdioTransport) -> None:
+        self._transport = transport
+
+    async def send(self, item: SessionMessage, /) -> None:
+        message = item.message
+        data = message.model_dump_json(by_alias=True, exclude_unset=True).encode() + b"\n"
+        if isinstance(message, JSONRPCResponse | JSONRPCError) and message.id is not None:
+            self._transport._settle(message.id)
+        await self._transport._write(data)
+
+    async def aclose(self) -> None:
+        # The transport owns stdout; the SDK closing its side changes nothing.
+        return None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class StdioTransport:
+    """Newline-delimited JSON-RPC over a pair of trio byte streams.
+
+    ``serve(loop)`` runs ``await loop(read_stream, write_stream)`` (normally
+    the SDK's ``serve_dual_era_loop``) and returns when the loop has ended,
+    which happens after stdin EOF, a stop signal, :meth:`stop`, or a broken
+    stdout. It never raises for any of those: they are the normal ways a
+    stdio server ends.
+    """
+
+    def __init__(
+        self,
+        stdin: trio.abc.ReceiveStream,
+        stdout: trio.abc.SendStream,
+        *,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        grace: float = 10.0,
+        handle_signals: bool = False,
+        stdout_fd: int | None = None,
+    ) -> None:
+        if max_message_size <= 0:
+            raise ValueError("max_message_size must be positive")
+        self._stdin = stdin
+        self._stdout = stdout
+        self.max_message_size = max_message_size
+        self.grace = grace
+        self._handle_signals = handle_signals
+        self._stdout_fd = stdout_fd
+        self._write_lock = trio.StrictFIFOLock()
+        self._write_scopes: set[trio.CancelScope] = set()
+        self._broken = False
+        self._pending: dict[RequestKey, int] = {}
+        self._drained: trio.Event | None = None
+        self._read_scope = trio.CancelScope()
+        self._drain_scope = trio.CancelScope()
+        self._stop_reason: str | None = None
+        self.writer = _LineWriter(self)
+
+    # -- public -----------------------------------------------------------------
+
+    @property
+    def broken(self) -> bool:
+        """True once a write to stdout failed (the client is gone)."""
+        return self._broken
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why the transport stopped reading: ``eof``, ``SIGINT``, ``SIGTERM``, ``broken``, ..."""
+        return self._stop_reason
+
+    def stop(self, reason: str = "stop", *, hard: bool = False) -> None:
+        """Stop reading; with ``hard``, also skip the grace period and abandon writes."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+            logger.info("stdio transport stopping (%s)", reason)
+        self._read_scope.cancel()
+        if hard:
+            self._drain_scope.cancel()
+
+    async def serve(self, loop: ServeLoop) -> None:
+        """Run ``loop(read_stream, write_stream)`` over this transport until it ends."""
+        send, receive = anyio.create_memory_object_stream[SessionMessage | Exception](0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._reader, send, name="mcp_sessions.stdio.reader")
+            if self._handle_signals:
+                nursery.start_soon(self._signals, name="mcp_sessions.stdio.signals")
+            if self._stdout_fd is not None:
+                nursery.start_soon(self._watch_stdout, name="mcp_sessions.stdio.watchdog")
+            try:
+                await loop(receive, self.writer)
+            finally:
+                nursery.cancel_scope.cancel()
+                # Whatever is still being written once the loop is done is abandoned.
+                for scope in self._write_scopes:
+                    scope.cancel()
+
+    # -- reading ------------------------------------------------------------------
+
+    async def _reader(self, send: anyio.abc.ObjectSendStream[SessionMessage | Exception]) -> None:
+        async with send:
+            with self._read_scope:
+                try:
+                    await self._read_lines(send)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    logger.info("stdin failed: %r", exc)
+                if self._stop_reason is None:
+                    self._stop_reason = "eof"
+                    logger.info("stdin closed; stopping")
+            # Stopped reading. Let the requests we handed over finish, up to the grace period.
+            with self._drain_scope:
+                self._drain_scope.deadline = min(
+                    self._drain_scope.deadline, trio.current_time() + self.grace
+                )
+                while self._pending:
+                    self._drained = trio.Event()
+                    await self._drained.wait()
+            if self._drain_scope.cancelled_caught and self._pending:
+                logger.warning("grace period over with %d request(s) in flight; cancelling them",
+                               len(self._pending))  # fmt: skip
+        # Leaving `async with send` is EOF for the SDK: it cancels what still runs.
+
+    async def _read_lines(
+        self, send: anyio.abc.ObjectSendStream[SessionMessage | Exception]
+    ) -> None:
+        limit = self.max_message_size
+        buf = bytearray()
+        skipping = False  # inside an oversize line, discarding up to its newline
+        while True:
+            chunk = await self._stdin.receive_some(_CHUNK)
+            if not chunk:
+                if buf and not skipping:
+                    await self._handle_line(bytes(buf), send)
+                return
+            start = 0
+            while True:
+                newline = chunk.find(b"\n", start)
+                if newline < 0:
+                    if not skipping:
+                        if len(buf) + len(chunk) - start > limit:
+                            await self._oversize()
+                            buf.clear()
+                            skipping = True
+                        else:
+                            buf += chunk[start:]
+                    break
+                if skipping:
+                    skipping = False
+                elif buf:
+                    buf += chunk[start:newline]
+                    line = bytes(buf)
+                    buf.clear()
+                    if len(line) > limit:
+                        await self._oversize()
+                    else:
+                        await self._handle_line(line, send)
+                elif newline - start > limit:
+                    await self._oversize()
+                else:
+                    await self._handle_line(bytes(chunk[start:newline]), send)
+                start = newline + 1
+
+    async def _handle_line(
+        self, line: bytes, send: anyio.abc.ObjectSendStream[SessionMessage | Exception]
+    ) -> None:
+        try:
+            message = jsonrpc_message_adapter.validate_json(line, by_name=False)
+        except ValidationError:
+            await self._reject(line)
+            return
+        if isinstance(message, JSONRPCRequest):
+            self._pending[message.id] = self._pending.get(message.id, 0) + 1
+        elif (
+            isinstance(message, JSONRPCNotification) and message.method == "notifications/cancelled"
+        ):
+            request_id = (message.params or {}).get("requestId")
+            if isinstance(request_id, int | str) and request_id in self._pending:
+                # The SDK never answers a cancelled request; stop waiting for it.
+                self._settle(request_id)
+        await send.send(SessionMessage(message))
+
+    async def _reject(self, line: bytes) -> None:
+        """Answer a line the SDK cannot take: not UTF-8, not JSON, or not a JSON-RPC object."""
+        if not line.strip():
+            return
+        try:
+            value = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            await self._reply_error(None, PARSE_ERROR, "Parse error: message is not valid UTF-8")
+            return
+        except ValueError:
+            await self._reply_error(None, PARSE_ERROR, "Parse error: message is not valid JSON")
+            return
+        if not isinstance(value, dict):
+            await self._reply_error(
+                None, INVALID_REQUEST, "Invalid Request: a message must be a JSON-RPC object"
+            )
+            return
+        request_id = value.get("id")
+        if "id" not in value and isinstance(value.get("method"), str):
+            # A malformed notification: JSON-RPC forbids answering notifications.
+            logger.warning("dropped a malformed notification %r", value.get("method"))
+            return
+        if isinstance(request_id, bool) or not isinstance(request_id, int | str):
+            request_id = None
+        await self._reply_error(request_id, INVALID_REQUEST, "Invalid Request")
+
+    async def _oversize(self) -> None:
+        logger.warning("dropped a message longer than %d bytes", self.max_message_size)
+        await self._reply_error(
+            None,
+            INVALID_REQUEST,
+            f"Invalid Request: message exceeds the {self.max_message_size}-byte limit",
+        )
+
+    async def _reply_error(self, request_id: RequestKey | None, code: int, message: str) -> None:
+        error = JSONRPCError(
+            jsonrpc="2.0", id=request_id, error=ErrorData(code=code, message=message)
+        )
+        await self._write(error.model_dump_json(by_alias=True, exclude_unset=True).encode() + b"\n")
+
+    def _settle(self, request_id: RequestKey) -> None:
+        count = self._pending.get(request_id)
+        if count is None:
+            return
+        if count > 1:
+            self._pending[request_id] = count - 1
+            return
+        del self._pending[request_id]
+        if not self._pending and self._drained is not None:
+            self._drained.set()
+
+    # -- writing ------------------------------------------------------------------
+
+    async def _write(self, data: bytes) -> None:
+        if self._broken:
+            return
+        async with self._write_lock:
+            if self._broken:
+                return
+            # Shielded: a whole line or nothing. Only a hard stop cancels it.
+            with trio.CancelScope(shield=True) as scope:
+                self._write_scopes.add(scope)
+                try:
+                    await self._stdout.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    self._mark_broken(repr(exc))
+                finally:
+                    self._write_scopes.discard(scope)
+            if scope.cancelled_caught:
+                # Part of a line may be out; nothing after it could be framed.
+                self._mark_broken("write abandoned")
+
+    def _mark_broken(self, why: str) -> None:
+        if not self._broken:
+            self._broken = True
+            logger.info("stdout is gone (%s); stopping", why)
+        self.stop("broken", hard=True)
+
+    # -- watching -----------------------------------------------------------------
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if self._stop_reason is None:
+                    self.stop(name)
+                else:
+                    logger.info("second signal (%s): stopping now", name)
+                    self.stop(name, hard=True)
+
+    async def _watch_stdout(self) -> None:
+        """Notice a closed stdout even when there is nothing to write.
+
+        A pipe whose reader has gone reports POLLERR; polling with an empty
+        event mask asks only for that, without ever blocking.
+        """
+        assert self._stdout_fd is not None
+        poller = select.poll()
+        poller.register(self._stdout_fd, 0)
+        while not self._broken:
+            events = poller.poll(0)
+            if events and events[0][1] & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                self._mark_broken("stdout closed by the client")
+                return
+            await trio.sleep(_STDOUT_POLL_INTERVAL)
+
+
+def claim_stdio() -> tuple[trio.lowlevel.FdStream, trio.lowlevel.FdStream, Callable[[], None]]:
+    """Take fds 0 and 1 for the protocol and return streams over them and a restore function.
+
+    Like the SDK, point fd 0 at ``/dev/null`` and fd 1 at stderr while we
+    serve, so a stray ``print`` or a child process can never write into (or
+    read from) the protocol stream.
+    """
+    import sys
+
+    sys.stdout.flush()
+    saved_in, saved_out = os.dup(0), os.dup(1)
+    stdin = trio.lowlevel.FdStream(os.dup(0))
+    stdout = trio.lowlevel.FdStream(os.dup(1))
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+
+    def restore() -> None:
+        sys.stdout.flush()
+        os.dup2(saved_in, 0)
+        os.dup2(saved_out, 1)
+        os.close(saved_in)
+        os.close(saved_out)
+
+    return stdin, stdout, restore
