@@ -1,0 +1,295 @@
+"""The SQLite session store: embedded, durable, shared by the processes of one host.
+
+Theory of operation
+===================
+
+One ``sqlite3`` connection per store, in WAL mode, used by one worker thread at a
+time (a one-slot :class:`trio.CapacityLimiter`, plus a :class:`threading.Lock`
+so a thread abandoned after a timeout and its successor never share the
+connection). Every operation is one explicit transaction; writes start with
+``BEGIN IMMEDIATE``, which takes the database's write lock up front, so
+read-modify-writes (patches, ends, sweeps) of several processes serialise
+instead of failing on upgrade. A writer waits up to ``busy_timeout`` for the
+lock; every operation is bounded by ``op_timeout``. Failures of the database
+(locked past the timeout, disk full, read-only, I/O error) raise
+:class:`~mcp_sessions._store.StoreUnavailable`.
+
+Durability: with ``synchronous="NORMAL"`` (the default) a committed write
+survives the crash of any process (including ``kill -9``), but the last
+transactions may be lost if the machine loses power or the OS crashes. With
+``synchronous="FULL"`` every commit is fsynced and survives power loss too, at
+the price of an fsync per write.
+
+Several processes may share one database file on a local filesystem (not over
+NFS: WAL needs shared memory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import trio
+
+from ._store import SchemaTooNew, StoreHealth, StoreUnavailable
+from ._store_sql import (
+    DUE,
+    LATEST_SCHEMA,
+    REASON,
+    SCHEMA_VERSION_DDL,
+    Dialect,
+    SQLStoreBase,
+    migrations,
+    schema_too_new_message,
+)
+
+__all__ = ["SQLiteStore", "default_sqlite_path"]
+
+T = TypeVar("T")
+
+SQLITE = Dialect(
+    name="sqlite",
+    param="?",
+    json_text=True,
+    json_param=lambda v: json.dumps(v, separators=(",", ":")),
+    json_type="TEXT",
+    for_update="",
+    greatest="MAX",
+    id_collation="",
+)
+
+
+def default_sqlite_path() -> Path:
+    """``$XDG_STATE_HOME/mcp-sessions/sessions.db`` (``~/.local/state/...`` if unset)."""
+    base = os.environ.get("XDG_STATE_HOME") or ""
+    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".local" / "state"
+    return root / "mcp-sessions" / "sessions.db"
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class SQLiteStore(SQLStoreBase):
+    """Sessions in one SQLite file, shared by every process that opens it."""
+
+    backend = "sqlite"
+    durable = True
+    dialect = SQLITE
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+        busy_timeout: float = 5.0,
+        op_timeout: float = 10.0,
+    ) -> None:
+        sync = synchronous.upper()
+        if sync not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
+        self.path = Path(path)
+        self.synchronous = sync
+        self.busy_timeout = busy_timeout
+        self.op_timeout = op_timeout
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._limiter = trio.CapacityLimiter(1)
+        # Set when the trio side gave up on the operation running now; the
+        # progress handler then aborts its statement.
+        self._abandoned: threading.Event | None = None
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({str(self.path)!r}, synchronous={self.synchronous!r})"
+
+    # -- plumbing ----------------------------------------------------------
+
+    def _progress(self) -> int:
+        flag = self._abandoned
+        return 1 if flag is not None and flag.is_set() else 0
+
+    def _in_thread(self, fn: Callable[[Any], T], write: bool, abandoned: threading.Event) -> T:
+        if not self._lock.acquire(timeout=self.op_timeout):
+            raise _Cancelled("the store connection is still busy with an abandoned operation")
+        try:
+            if abandoned.is_set():
+                raise _Cancelled("operation abandoned before it started")
+            conn = self._conn
+            if conn is None:
+                raise StoreUnavailable(f"sqlite store {self.path} is not open")
+            self._abandoned = abandoned
+            cur = conn.cursor()
+            try:
+                cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                result = fn(cur)
+                cur.execute("COMMIT")
+                return result
+            except BaseException:
+                if conn.in_transaction:
+                    try:
+                        conn.rollback()
+                    except sqlite3.Error:
+                        pass
+                raise
+            finally:
+                cur.close()
+                self._abandoned = None
+        finally:
+            self._lock.release()
+
+    async def _call(self, fn: Callable[[], T], what: str) -> T:
+        """Run ``fn`` in the store's worker slot, bounded by op_timeout, mapping failures."""
+        try:
+            with trio.fail_after(self.op_timeout):
+                return await trio.to_thread.run_sync(
+                    fn, limiter=self._limiter, abandon_on_cancel=True
+                )
+        except trio.TooSlowError:
+            raise StoreUnavailable(
+                f"sqlite store {self.path}: {what} did not finish within {self.op_timeout:g}s"
+            ) from None
+        except _Cancelled as exc:
+            raise StoreUnavailable(f"sqlite store {self.path}: {exc}") from None
+        except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError):
+            raise
+        except sqlite3.DatabaseError as exc:
+            raise StoreUnavailable(_explain(self.path, exc)) from exc
+        except OSError as exc:
+            raise StoreUnavailable(f"sqlite store {self.path} unavailable: {exc}") from exc
+
+    async def _run(self, fn: Callable[[Any], T], *, write: bool) -> T:
+        abandoned = threading.Event()
+        try:
+            return await self._call(lambda: self._in_thread(fn, write, abandoned), "operation")
+        finally:
+            # If the caller gave up (timeout or cancellation), stop the statement.
+            abandoned.set()
+
+    def _is_duplicate(self, exc: BaseException) -> bool:
+        return isinstance(exc, sqlite3.IntegrityError)
+
+    def _sweep_sql(self) -> tuple[str, Callable[[float, int], tuple[Any, ...]]]:
+        sql = self._q(
+            f"UPDATE sessions SET state = 'terminated', reason = {REASON}, terminated_at = %s "
+            f"WHERE id IN (SELECT id FROM sessions WHERE {DUE} "
+            "ORDER BY created_at, id LIMIT %s) RETURNING id, reason"
+        )
+        return sql, lambda now, limit: (now, now, now, now, limit)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def _open_sync(self) -> None:
+        if self._conn is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self.busy_timeout,
+            isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+            check_same_thread=False,
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            if mode is None or str(mode[0]).lower() != "wal":
+                raise StoreUnavailable(
+                    f"sqlite store {self.path}: cannot use WAL journal mode (got {mode!r})"
+                )
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            self._migrate(conn)
+            conn.set_progress_handler(self._progress, 1000)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        # BEGIN IMMEDIATE: two processes opening at once apply migrations one after the other.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(SCHEMA_VERSION_DDL)
+            row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            current = int(row[0]) if row and row[0] is not None else 0
+            if current > LATEST_SCHEMA:
+                raise SchemaTooNew(schema_too_new_message(f"sqlite store {self.path}", current))
+            for version, statements in migrations(SQLITE):
+                if version <= current:
+                    continue
+                for stmt in statements:
+                    conn.execute(stmt)
+                conn.execute(
+                    "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
+                    (version, time.time()),
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.rollback()
+            raise
+
+    async def open(self) -> None:
+        """Create the file (and its directory) if needed, and apply pending migrations."""
+        # Bounded by busy_timeout per statement; opening is not abandoned, so a
+        # connection can never leak from a thread nobody waits for.
+        try:
+            await trio.to_thread.run_sync(self._open_sync, limiter=self._limiter)
+        except (SchemaTooNew, StoreUnavailable):
+            raise
+        except sqlite3.DatabaseError as exc:
+            raise StoreUnavailable(_explain(self.path, exc)) from exc
+        except OSError as exc:
+            raise StoreUnavailable(f"sqlite store {self.path} cannot be opened: {exc}") from exc
+
+    def _close_sync(self) -> None:
+        got = self._lock.acquire(timeout=self.op_timeout)
+        try:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+        finally:
+            if got:
+                self._lock.release()
+
+    async def aclose(self) -> None:
+        await trio.to_thread.run_sync(self._close_sync, limiter=self._limiter)
+
+    async def health(self) -> StoreHealth:
+        start = time.perf_counter()
+
+        def op(cur: Any) -> int:
+            cur.execute("SELECT MAX(version) FROM schema_version")
+            row = cur.fetchone()
+            return int(row[0]) if row and row[0] is not None else 0
+
+        try:
+            version = await self._run(op, write=False)
+        except Exception as exc:
+            return StoreHealth(backend=self.backend, ok=False, error=str(exc))
+        return StoreHealth(
+            backend=self.backend,
+            ok=True,
+            latency_s=time.perf_counter() - start,
+            schema_version=version,
+        )
+
+
+def _explain(path: Path, exc: sqlite3.DatabaseError) -> str:
+    text = str(exc)
+    low = text.lower()
+    if "locked" in low or "busy" in low:
+        hint = "another process holds the write lock past the busy timeout"
+    elif "readonly" in low or "read-only" in low:
+        hint = "the database file or its directory is read-only"
+    elif "full" in low:
+        hint = "the disk is full"
+    elif "interrupted" in low:
+        hint = "the operation was abandoned after its timeout"
+    else:
+        hint = "database error"
+    return f"sqlite store {path} unavailable ({hint}): {text}"
