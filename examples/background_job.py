@@ -30,7 +30,7 @@ async def _job(
         async with progress:
             for step in range(1, steps + 1):
                 await trio.sleep(delay)
-                sctx.patch({"job": {"step": step, "steps": steps}})
+                await sctx.patch({"job": {"step": step, "steps": steps}})
                 # Nobody may be listening (start_job): then the update is skipped.
                 with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
                     progress.send_nowait(step)

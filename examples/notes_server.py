@@ -22,7 +22,7 @@ async def add_note(text: str, session: str | None = None) -> dict[str, Any]:
     """Add a note to the session; returns how many notes it holds."""
     ctx = current_session()
     notes = [*ctx.state.get("notes", []), text]
-    version = ctx.patch({"notes": notes})
+    version = await ctx.patch({"notes": notes})
     return {"count": len(notes), "version": version}
 
 
@@ -36,7 +36,7 @@ async def list_notes(session: str | None = None) -> list[str]:
 @server.tool()
 async def clear_notes(session: str | None = None) -> int:
     """Forget the session's notes (a JSON Merge Patch with null deletes them)."""
-    return current_session().patch({"notes": None})
+    return await current_session().patch({"notes": None})
 
 
 if __name__ == "__main__":

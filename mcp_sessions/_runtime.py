@@ -46,13 +46,14 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from types import MappingProxyType, TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import trio
 
 from ._errors import (
     LimitExceeded,
+    SessionGone,
     SessionNotFound,
     SessionSetupFailed,
     ShuttingDown,
@@ -70,6 +71,15 @@ from ._state import (
     ready_event,
     termination_event,
 )
+from ._store import (
+    INITIALIZING,
+    LIVE,
+    SessionRecord,
+    SessionStore,
+    StoreHealth,
+    StoreUnavailable,
+    Touch,
+)
 
 __all__ = [
     "ClientInfo",
@@ -86,6 +96,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("mcp_sessions")
+_T = TypeVar("_T")
 
 _S = SessionState
 _LIVE_STATES = frozenset({_S.INITIALIZING, _S.ACTIVE, _S.IDLE})
@@ -208,6 +219,9 @@ class Hooks:
     teardown: TeardownHook | None = None
     #: Called with every :class:`TransitionEvent`; a failure is counted, never propagated.
     observers: Sequence[Observer] = ()
+    #: Runs instead of ``setup`` when a session is brought back from the store
+    #: (after a restart, or opened by another process): restart what it needs.
+    resume: SetupHook | None = None
 
 
 class Session:
@@ -223,10 +237,15 @@ class Session:
         "_deadline_seq",
         "_doc",
         "_done",
+        "_end_persisted",
+        "_flushed_errors",
+        "_flushed_requests",
         "_in_flight",
         "_nursery",
         "_parked",
         "_requests_scopes",
+        "_resumed",
+        "_stored",
         "_supervisor",
         "_torn_down",
         "_version",
@@ -291,6 +310,11 @@ class Session:
         self._deadline_at = math.inf
         self._done: trio.Event | None = None
         self._torn_down = False
+        self._resumed = False  # brought back from the store rather than created here
+        self._stored = False  # the store has a record of it
+        self._end_persisted = False  # the store already knows it ended
+        self._flushed_requests = 0  # counters as last written to the store
+        self._flushed_errors = 0
 
     def __repr__(self) -> str:
         return f"<Session {self.id} {self.kind.value} {self.state.value}>"
@@ -341,12 +365,17 @@ class Session:
 
     # -- changing --------------------------------------------------------
 
-    def patch_state(self, patch: Mapping[str, Any], *, if_version: int | None = None) -> int:
+    async def patch_state(self, patch: Mapping[str, Any], *, if_version: int | None = None) -> int:
         """Apply an RFC 7386 JSON Merge Patch to the state document; return the new version.
 
         With ``if_version``, the patch applies only if the document is still at
-        that version; otherwise :class:`VersionConflict`.
+        that version; otherwise :class:`VersionConflict`. With a store, the
+        patch is committed there (serialised against every other process)
+        before this returns.
         """
+        return await self._supervisor.patch_state(self, patch, if_version=if_version)
+
+    def _patch_local(self, patch: Mapping[str, Any], if_version: int | None) -> int:
         self._check_live()
         if if_version is not None and if_version != self._version:
             raise VersionConflict(if_version, self._version)
@@ -449,8 +478,17 @@ class Supervisor:
         *,
         hooks: Hooks | None = None,
         wall_clock: Callable[[], float] = time.time,
+        store: SessionStore | None = None,
     ) -> None:
         self.settings = settings or Settings()
+        self._store = store
+        # With a store: sessions with activity not yet written (an ordered set),
+        # sessions due for expiry that the store must confirm, and the store's
+        # last error (for health).
+        self._dirty: dict[Session, None] = {}
+        self._expiring: list[Session] = []
+        self._expiring_wake: trio.Event | None = None
+        self._store_error: str | None = None
         self.hooks = hooks or Hooks()
         self._wall_clock = wall_clock
         self._metrics = RuntimeMetrics()
@@ -492,10 +530,17 @@ class Supervisor:
             raise RuntimeError("this supervisor is already running")
         self._started_time = trio.current_time()
         self._started_wall = self._wall_clock()
+        store = self._store
+        if store is not None:
+            await store.open()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._scanner, name="mcp_sessions.scanner")
+                if store is not None:
+                    nursery.start_soon(self._flusher, name="mcp_sessions.store.flusher")
+                    nursery.start_soon(self._reconciler, name="mcp_sessions.store.reconciler")
+                    nursery.start_soon(self._sweeper, name="mcp_sessions.store.sweeper")
                 if self.hooks.observers:
                     send, receive = trio.open_memory_channel[TransitionEvent](
                         self.settings.observer_queue_size
@@ -512,6 +557,9 @@ class Supervisor:
             # its own finally, shielded), so nothing is left half-done.
             self._admitting = False
             self._stopping = True
+            if store is not None:
+                with trio.CancelScope(shield=True):
+                    await store.aclose()
             self._stopped.set()
 
     async def shutdown(self, grace: float | None = None) -> None:
@@ -542,6 +590,9 @@ class Supervisor:
         while self._sessions:
             self._empty = self._empty or trio.Event()
             await self._empty.wait()
+        if self._store is not None and self._dirty:
+            with trio.move_on_after(self.settings.teardown_timeout):
+                await self._flush_touches()
         if self._observer_send is not None and self._dispatcher_done is not None:
             await self._observer_send.aclose()
             with trio.move_on_after(self.settings.teardown_timeout):
@@ -577,8 +628,6 @@ class Supervisor:
         ended with ``error``).
         """
         await self._admit(principal)
-        nursery = self._nursery
-        assert nursery is not None
         now = trio.current_time()
         session = Session(
             self,
@@ -593,25 +642,44 @@ class Supervisor:
             wall=self._wall_clock(),
             lifetime=self.settings.max_lifetime,
         )
+        await self._start_session(session)
+        if self._store is not None:
+            # Acknowledge only what is committed: a session the store could not
+            # record is ended here and the caller gets StoreUnavailable.
+            try:
+                await self._store_call(self._store.create(self._record_for(session, ready)))
+            except BaseException:
+                session._end_persisted = True
+                self._terminate(session, TerminationReason.ERROR)
+                with trio.CancelScope(shield=True):
+                    await self.wait_terminated(session)
+                raise
+            session._stored = True
+        if ready:
+            self._ready_local(session)
+        else:
+            self._schedule_deadline(session)
+        return session
+
+    async def _start_session(self, session: Session) -> None:
+        """Register a new session and start its task (running setup or resume)."""
+        nursery = self._nursery
+        assert nursery is not None
         # Register before the first checkpoint, so limits see the slot taken.
         self._sessions[session.id] = session
         if session.handle_hash is not None:
             self._by_hash[session.handle_hash] = session
-        self._per_principal[principal] = self._per_principal.get(principal, 0) + 1
+        self._per_principal[session.principal] = self._per_principal.get(session.principal, 0) + 1
         self._metrics.live[_S.INITIALIZING] += 1
-        RuntimeMetrics.bump(self._metrics.created, kind.value)
+        RuntimeMetrics.bump(self._metrics.created, session.kind.value)
         self._emit(session, None, None)
         await nursery.start(self._session_task, session, name=f"mcp_sessions.session.{session.id}")
         if session.state is _S.TERMINATING or session.state is _S.TERMINATED:
             await self.wait_terminated(session)
+            hook = "resume" if session._resumed else "setup"
             raise SessionSetupFailed(
-                f"session {session.id} failed during setup and was closed ({_reason(session)})"
+                f"session {session.id} failed during {hook} and was closed ({_reason(session)})"
             )
-        if ready:
-            self.mark_ready(session)
-        else:
-            self._schedule_deadline(session)
-        return session
 
     async def open_handle_session(
         self,
@@ -642,6 +710,19 @@ class Supervisor:
 
         Raises :class:`SessionClosed`/:class:`SessionExpired` if it has ended.
         """
+        self._ready_local(session)
+        if self._store is not None and session._stored and self._nursery is not None:
+            self._nursery.start_soon(self._persist_ready, session)
+
+    async def _persist_ready(self, session: Session) -> None:
+        assert self._store is not None
+        try:
+            await self._store_call(self._store.mark_ready(session.id, self._wall_clock()))
+        except StoreUnavailable as exc:
+            logger.warning("could not record session %s as ready: %s", session.id, exc,
+                           extra={"session_id": session.id})  # fmt: skip
+
+    def _ready_local(self, session: Session) -> None:
         session._check_live()
         self._transition(session, ready_event(session._in_flight))
         if session.state is _S.IDLE:
@@ -657,7 +738,29 @@ class Supervisor:
         Closing an ended session is a no-op. When called from a request in
         that same session (a ``session_close`` tool), that request is not
         cancelled.
+
+        With a store, the end is committed there first. If the store cannot be
+        reached, a ``closed`` (a client's request) raises
+        :class:`StoreUnavailable` and the session stays open; any other reason
+        ends the session here anyway (the store's sweep catches up later).
         """
+        store = self._store
+        if store is not None and session.live and session._stored and not session._end_persisted:
+            try:
+                ended = await self._store_call(
+                    store.terminate(
+                        session.id, reason, self._wall_clock(), self._touch_for(session)
+                    )
+                )
+            except StoreUnavailable:
+                if reason is TerminationReason.CLOSED:
+                    raise
+                logger.warning("store unavailable; ending session %s locally only", session.id,
+                               extra={"session_id": session.id})  # fmt: skip
+            else:
+                session._end_persisted = True
+                if ended is not None:
+                    reason = ended  # it may have ended elsewhere first: that reason stands
         self._terminate(session, reason)
         await self.wait_terminated(session)
 
@@ -697,28 +800,212 @@ class Supervisor:
             raise gone(tomb.id, tomb.reason)
         raise SessionNotFound()
 
-    def resolve_handle(self, handle: str, principal: str) -> Session:
+    async def resolve_handle(self, handle: str, principal: str) -> Session:
         """The live session this handle names, if it belongs to ``principal``.
 
         Another principal's handle, a malformed one and an unknown one all
         raise the same :class:`SessionNotFound`: possession of a handle is not
-        authentication.
+        authentication. An ended one raises :class:`SessionExpired` or
+        :class:`SessionClosed`.
+
+        With a store, the store decides (it is the source of truth across
+        processes): a session closed elsewhere is closed here too, one opened
+        elsewhere (or before a restart) is brought back with its state, and
+        one whose deadline passed meanwhile is expired.
         """
         digest = hash_handle(handle)
+        store = self._store
+        if store is None:
+            return self._resolve_local(digest, principal)
+        record = await self._store_call(store.load_by_hash(digest))
+        if record is None or record.principal != principal or record.kind != "handle":
+            return self._resolve_local(digest, principal)
+        local = self._by_hash.get(digest)
+        if record.live:
+            due = record.due(self._wall_clock())
+            if due is not None:
+                ended = await self._store_call(store.expire(record.id, self._wall_clock()))
+                record = await self._store_call(store.load(record.id)) or record
+                if ended is None and record.live:
+                    due = None  # touched elsewhere in the meantime: still live
+        if not record.live:
+            reason = record.termination_reason
+            if local is not None and local.live:
+                local._end_persisted = True
+                self._terminate(local, reason or TerminationReason.CLOSED)
+            self._bump_validation("gone")
+            raise gone(record.id, reason)
+        local = self._by_hash.get(digest)  # may have appeared while we awaited
+        if local is not None and local.live:
+            self._refresh_from_record(local, record)
+            self._bump_validation("ok")
+            return local
+        session = await self._adopt(record)
+        self._bump_validation("ok")
+        return session
+
+    def _resolve_local(self, digest: str, principal: str) -> Session:
         session = self._by_hash.get(digest)
-        cells = self._metrics.handle_validations
         if session is not None and session.principal == principal:
             if session.live:
-                RuntimeMetrics.bump(cells, "ok")
+                self._bump_validation("ok")
                 return session
-            RuntimeMetrics.bump(cells, "gone")
+            self._bump_validation("gone")
             raise gone(session.id, session.reason)
         tomb = self._tombstones_by_hash.get(digest)
         if session is None and tomb is not None and tomb.principal == principal:
-            RuntimeMetrics.bump(cells, "gone")
+            self._bump_validation("gone")
             raise gone(tomb.id, tomb.reason)
-        RuntimeMetrics.bump(cells, "not_found")
+        self._bump_validation("not_found")
         raise SessionNotFound()
+
+    def _bump_validation(self, outcome: str) -> None:
+        RuntimeMetrics.bump(self._metrics.handle_validations, outcome)
+
+    async def _adopt(self, record: SessionRecord) -> Session:
+        """Bring a live stored session into this runtime (after a restart, or from elsewhere)."""
+        await self._admit(record.principal)
+        existing = self._by_hash.get(record.handle_hash or "")
+        if existing is not None and existing.live:
+            return existing
+        now, now_wall = trio.current_time(), self._wall_clock()
+        client = record.client
+        session = Session(
+            self,
+            session_id=record.id,
+            kind=SessionKind(record.kind),
+            principal=record.principal,
+            client=ClientInfo(
+                name=_str_or_none(client.get("name")),
+                version=_str_or_none(client.get("version")),
+                protocol_version=_str_or_none(client.get("protocol_version")),
+                capabilities=dict(client.get("capabilities") or {}),
+            ),
+            metadata=MappingProxyType(dict(record.metadata)) if record.metadata else _NO_METADATA,
+            idle_timeout=record.idle_timeout,
+            handle_hash=record.handle_hash,
+            now=now,
+            wall=record.created_at,
+            lifetime=record.expires_at - now_wall,
+        )
+        session.created_time = now - max(0.0, now_wall - record.created_at)
+        session._resumed = session._stored = True
+        self._refresh_from_record(session, record)
+        await self._start_session(session)
+        self._ready_local(session)
+        logger.info("session %s resumed from the store", session.id,
+                    extra={"session_id": session.id})  # fmt: skip
+        return session
+
+    def _refresh_from_record(self, session: Session, record: SessionRecord) -> None:
+        """Take in what other processes did: state document, activity, counters."""
+        if record.version != session._version:
+            session._doc = dict(record.doc)
+            session._version = record.version
+        now, now_wall = trio.current_time(), self._wall_clock()
+        stored_active = now - max(0.0, now_wall - record.last_active)
+        if stored_active > session.last_active_time:
+            session.last_active_time = stored_active
+            if session.state is _S.IDLE:
+                session.idle_since = max(session.idle_since, stored_active)
+        unflushed_requests = session.requests - session._flushed_requests
+        unflushed_errors = session.errors - session._flushed_errors
+        session._flushed_requests, session._flushed_errors = record.requests, record.errors
+        session.requests = record.requests + unflushed_requests
+        session.errors = record.errors + unflushed_errors
+
+    async def patch_state(
+        self, session: Session, patch: Mapping[str, Any], *, if_version: int | None = None
+    ) -> int:
+        """Apply a merge patch to ``session``'s state; see :meth:`Session.patch_state`."""
+        session._check_live()
+        store = self._store
+        if store is None or not session._stored:
+            return session._patch_local(patch, if_version)
+        try:
+            version, doc = await self._store_call(
+                store.patch_state(session.id, patch, if_version=if_version, at=self._wall_clock())
+            )
+        except SessionGone as exc:
+            if session.live:
+                session._end_persisted = True
+                self._terminate(session, exc.reason or TerminationReason.CLOSED)
+            raise
+        if version > session._version:
+            session._doc, session._version = doc, version
+        return version
+
+    async def list_records(self, principal: str) -> list[SessionRecord]:
+        """The principal's live sessions as records: from the store when there is one
+        (every process's sessions), else this runtime's."""
+        if self._store is not None:
+            return await self._store_call(self._store.list_by_principal(principal))
+        return [
+            self._record_for(s, s.state is not _S.INITIALIZING)
+            for s in self._sessions.values()
+            if s.principal == principal and s.live
+        ]
+
+    async def store_health(self) -> StoreHealth | None:
+        """The store's health now (``None`` without a store). Never raises."""
+        if self._store is None:
+            return None
+        health = await self._store.health()
+        self._store_error = None if health.ok else health.error
+        return health
+
+    @property
+    def store(self) -> SessionStore | None:
+        return self._store
+
+    @property
+    def store_error(self) -> str | None:
+        """The last store failure this runtime saw, until a store call succeeds again."""
+        return self._store_error
+
+    async def _store_call(self, op: Awaitable[_T]) -> _T:
+        try:
+            result = await op
+        except StoreUnavailable as exc:
+            self._store_error = str(exc)
+            raise
+        self._store_error = None
+        return result
+
+    def _record_for(self, session: Session, ready: bool) -> SessionRecord:
+        client = session.client
+        return SessionRecord(
+            id=session.id,
+            handle_hash=session.handle_hash,
+            kind=session.kind.value,
+            principal=session.principal,
+            client={
+                "name": client.name,
+                "version": client.version,
+                "protocol_version": client.protocol_version,
+                "capabilities": dict(client.capabilities),
+            },
+            metadata=dict(session.metadata),
+            state=LIVE if ready else INITIALIZING,
+            doc=dict(session._doc or {}),
+            version=session._version,
+            created_at=session.created_at,
+            last_active=self._wall_at(session.last_active_time),
+            idle_timeout=session.idle_timeout,
+            expires_at=self._wall_at(session.deadline),
+            requests=session.requests,
+            errors=session.errors,
+        )
+
+    def _touch_for(self, session: Session) -> Touch:
+        active = session._in_flight > 0
+        last = trio.current_time() if active else session.last_active_time
+        return Touch(
+            session.id,
+            self._wall_at(last),
+            session.requests - session._flushed_requests,
+            session.errors - session._flushed_errors,
+        )
 
     def sessions(self, principal: str | None = None) -> list[SessionSnapshot]:
         """Snapshots of the live sessions (of one principal, if given), oldest first."""
@@ -941,6 +1228,8 @@ class Supervisor:
         if failed:
             session.errors += 1
             metrics.request_errors += 1
+        if self._store is not None and session._stored:
+            self._dirty[session] = None
         if session._in_flight == 0 and session.state is _S.ACTIVE:
             self._transition(session, Event.LAST_REQUEST_FINISHED)
             self._enter_idle(session, now)
@@ -959,10 +1248,11 @@ class Supervisor:
         try:
             async with trio.open_nursery() as nursery:
                 session._nursery = nursery
+                hook = self.hooks.resume if session._resumed else self.hooks.setup
                 if session.state is not _S.INITIALIZING:  # ended before we ran
                     nursery.cancel_scope.cancel()
-                elif self.hooks.setup is not None:
-                    await self._run_setup(session)
+                elif hook is not None:
+                    await self._run_setup(session, hook, "resume" if session._resumed else "setup")
                 task_status.started()
                 if session.state in _LIVE_STATES:
                     await _park(session)
@@ -972,29 +1262,58 @@ class Supervisor:
             # Cancelled from outside (the supervisor itself is being cancelled)
             # rather than terminated: end it as a shutdown.
             self._terminate(session, TerminationReason.SHUTDOWN)
+            if self._store is not None and session._stored and not session._end_persisted:
+                with trio.CancelScope(shield=True):
+                    await self._persist_end(session)
             if self.hooks.teardown is not None:
                 with trio.CancelScope(shield=True):
                     await self._teardown(session)
             self._finish(session)
 
-    async def _run_setup(self, session: Session) -> None:
-        setup = self.hooks.setup
-        assert setup is not None
+    async def _run_setup(self, session: Session, hook: SetupHook, name: str) -> None:
         with trio.move_on_after(self.settings.setup_timeout) as timeout:
             try:
-                await setup(session)
+                await hook(session)
             except Exception:
-                logger.exception("setup hook failed for session %s", session.id,
+                logger.exception("%s hook failed for session %s", name, session.id,
                                  extra={"session_id": session.id})  # fmt: skip
-                RuntimeMetrics.bump(self._metrics.hook_errors, "setup")
+                RuntimeMetrics.bump(self._metrics.hook_errors, name)
                 self._terminate(session, TerminationReason.ERROR)
                 return
         if timeout.cancelled_caught and session.state is _S.INITIALIZING:
-            logger.error("setup hook timed out after %ss for session %s",
+            logger.error("%s hook timed out after %ss for session %s", name,
                          self.settings.setup_timeout, session.id,
                          extra={"session_id": session.id})  # fmt: skip
-            RuntimeMetrics.bump(self._metrics.hook_errors, "setup")
+            RuntimeMetrics.bump(self._metrics.hook_errors, name)
             self._terminate(session, TerminationReason.ERROR)
+
+    async def _persist_end(self, session: Session) -> None:
+        """Write a session's end to the store (from its own task, as it finishes).
+
+        A handle session ended by ``shutdown`` is *kept* in a durable store,
+        so it resumes after a restart: only its last activity is written.
+        """
+        store = self._store
+        assert store is not None
+        reason = session.reason or TerminationReason.ERROR
+        with trio.move_on_after(self.settings.teardown_timeout):
+            try:
+                if (
+                    reason is TerminationReason.SHUTDOWN
+                    and session.kind is SessionKind.HANDLE
+                    and store.durable
+                ):
+                    await self._store_call(store.touch([self._touch_for(session)]))
+                else:
+                    touch = self._touch_for(session)
+                    await self._store_call(
+                        store.terminate(session.id, reason, self._wall_clock(), touch)
+                    )
+                session._end_persisted = True
+                self._dirty.pop(session, None)
+            except StoreUnavailable as exc:
+                logger.warning("could not record the end of session %s: %s", session.id, exc,
+                               extra={"session_id": session.id})  # fmt: skip
 
     async def _teardown(self, session: Session) -> None:
         """Run the ``teardown`` hook, shielded and timed; failures are logged and counted."""
@@ -1113,9 +1432,112 @@ class Supervisor:
         else:
             self._schedule_deadline(session)  # not yet: the entry was early
             return 0
+        if self._store is not None and session._stored and not session._end_persisted:
+            # The store decides: the session may be in use by another process.
+            self._expiring.append(session)
+            if self._expiring_wake is not None:
+                self._expiring_wake.set()
+            return 0
         self._terminate(session, reason)
         self._metrics.expired += 1
         return 1
+
+    # -- the store's tasks ----------------------------------------------------------
+
+    async def _flush_touches(self) -> None:
+        """Write the coalesced activity of every dirty session in one batch."""
+        store = self._store
+        assert store is not None
+        dirty, self._dirty = self._dirty, {}
+        sessions = [s for s in dirty if s._stored and not s._end_persisted]
+        if not sessions:
+            return
+        touches = [self._touch_for(s) for s in sessions]
+        try:
+            await self._store_call(store.touch(touches))
+        except StoreUnavailable as exc:
+            logger.warning("could not write session activity: %s", exc)
+            for s in sessions:  # try again next time
+                self._dirty[s] = None
+            return
+        for s, t in zip(sessions, touches, strict=True):
+            s._flushed_requests += t.requests
+            s._flushed_errors += t.errors
+            if s._in_flight:  # a long request keeps its session fresh in the store
+                self._dirty[s] = None
+
+    async def _flusher(self) -> None:
+        while True:
+            await trio.sleep(self.settings.touch_interval)
+            if self._dirty:
+                await self._flush_touches()
+
+    async def _reconciler(self) -> None:
+        """Confirm expiries with the store, which knows about use in other processes."""
+        store = self._store
+        assert store is not None
+        while True:
+            if not self._expiring:
+                self._expiring_wake = trio.Event()
+                await self._expiring_wake.wait()
+                self._expiring_wake = None
+            batch, self._expiring = self._expiring, []
+            for session in batch:
+                if session.live:
+                    await self._reconcile_expiry(session, store)
+
+    async def _reconcile_expiry(self, session: Session, store: SessionStore) -> None:
+        local = (
+            TerminationReason.LIFETIME_EXCEEDED
+            if session.deadline <= trio.current_time()
+            else TerminationReason.IDLE_TIMEOUT
+        )
+        try:
+            if session in self._dirty:
+                self._dirty.pop(session)
+                await self._store_call(store.touch([self._touch_for(session)]))
+                session._flushed_requests = session.requests
+                session._flushed_errors = session.errors
+            reason = await self._store_call(store.expire(session.id, self._wall_clock()))
+            if reason is None:
+                record = await self._store_call(store.load(session.id))
+                if record is not None and record.live:
+                    # Used elsewhere meanwhile: take in its activity and wait again.
+                    self._refresh_from_record(session, record)
+                    self._schedule_deadline(session)
+                    return
+                reason = record.termination_reason if record is not None else local
+            session._end_persisted = True
+        except StoreUnavailable:
+            # End it here; the store still has it live and ends it when it can.
+            reason = local
+        except Exception:
+            self._metrics.cleanup_errors += 1
+            logger.exception("cleanup failed for session %s", session.id,
+                             extra={"session_id": session.id})  # fmt: skip
+            reason = local
+        if session.live and self._terminate(session, reason or local):
+            self._metrics.expired += 1
+
+    async def _sweeper(self) -> None:
+        """End stored sessions whose deadline passed (opened anywhere); purge old records."""
+        store = self._store
+        assert store is not None
+        while True:
+            await trio.sleep(self.settings.sweep_interval)
+            now = self._wall_clock()
+            try:
+                ended = await self._store_call(store.sweep(now))
+                for session_id, reason in ended:
+                    session = self._sessions.get(session_id)
+                    if session is not None and session.live:
+                        session._end_persisted = True
+                        self._terminate(session, reason)
+                        self._metrics.expired += 1
+                await self._store_call(store.purge(now - self.settings.tombstone_retention))
+            except Exception as exc:
+                self._metrics.cleanup_errors += 1
+                logger.warning("store sweep failed: %s", exc)
 
     async def _dispatcher(self) -> None:
         assert self._observer_receive is not None
@@ -1150,6 +1572,10 @@ async def _park(session: Session) -> None:
     await trio.lowlevel.wait_task_rescheduled(abort)
 
 
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 def _reason(session: Session) -> str:
     return session.reason.value if session.reason is not None else "unknown"
 
@@ -1164,14 +1590,16 @@ async def open_supervisor(
     *,
     hooks: Hooks | None = None,
     wall_clock: Callable[[], float] = time.time,
+    store: SessionStore | None = None,
 ) -> AsyncIterator[Supervisor]:
     """Run a :class:`Supervisor` for the duration of the block.
 
     Leaving the block shuts it down gracefully (see :meth:`Supervisor.shutdown`).
+    A ``store`` is opened (migrated) before the block and closed after it.
     An exception from the block comes out as itself, not wrapped in an
     exception group.
     """
-    supervisor = Supervisor(settings, hooks=hooks, wall_clock=wall_clock)
+    supervisor = Supervisor(settings, hooks=hooks, wall_clock=wall_clock, store=store)
     with _unwrap_single_group():
         async with trio.open_nursery() as nursery:
             await nursery.start(supervisor.run)

@@ -138,9 +138,9 @@ class SessionContext:
     def version(self) -> int:
         return self.session.version
 
-    def patch(self, patch: Mapping[str, Any], *, if_version: int | None = None) -> int:
-        """Apply an RFC 7386 merge patch to the state; return the new version."""
-        return self.session.patch_state(patch, if_version=if_version)
+    async def patch(self, patch: Mapping[str, Any], *, if_version: int | None = None) -> int:
+        """Apply an RFC 7386 merge patch to the state (committed); return the new version."""
+        return await self.session.patch_state(patch, if_version=if_version)
 
     def start_soon(
         self, fn: Callable[..., Awaitable[object]], *args: object, name: str | None = None
@@ -298,7 +298,7 @@ class SessionLayer:
         params = ctx.params or {}
         arguments = params.get("arguments")
         try:
-            session = self._target(params.get("name"), arguments, connection, modern)
+            session = await self._target(params.get("name"), arguments, connection, modern)
         except SessionError as exc:
             return _error(exc)
         if session is None:
@@ -321,7 +321,7 @@ class SessionLayer:
         finally:
             _log_session_id.reset(sid_token)
 
-    def _target(
+    async def _target(
         self, name: object, arguments: object, connection: _Connection, modern: bool
     ) -> Session | None:
         """The session a tool call runs in, or ``None``; raises the tool error to return."""
@@ -334,7 +334,7 @@ class SessionLayer:
         if handle is not None:
             if not isinstance(handle, str) or not handle:
                 raise SessionNotFound()
-            return self.supervisor.resolve_handle(handle, self.principal)
+            return await self.supervisor.resolve_handle(handle, self.principal)
         if modern or connection.session is None or param == "required":
             raise SessionRequired()
         return self.supervisor.get(connection.session.id)
@@ -506,7 +506,7 @@ async def session_state_patch(
     """Change the session's JSON state with a merge patch; returns the new version."""
     ctx = current_session()
     try:
-        version = ctx.patch(patch, if_version=if_version)
+        version = await ctx.patch(patch, if_version=if_version)
     except SessionError as exc:
         return _error(exc)
     return _ok({"version": version})

@@ -60,6 +60,12 @@ class Settings:
     shutdown_grace: float = attrs.field(default=10.0, validator=v.ge(0.0))
     #: Capacity of the observer event queue; events beyond it are dropped and counted.
     observer_queue_size: int = attrs.field(default=1024, validator=_positive_int)
+    #: With a store: how often activity (last active, counters) is written, at
+    #: most once per session per interval, never once per request.
+    touch_interval: float = attrs.field(default=5.0, validator=_positive)
+    #: With a store: how often the store is swept for sessions whose deadline
+    #: passed (whoever opened them) and old tombstones are purged.
+    sweep_interval: float = attrs.field(default=60.0, validator=_positive)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Settings:

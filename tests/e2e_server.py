@@ -43,7 +43,7 @@ async def count(session: str | None = None) -> int:
     """Bump a counter kept in the session's state."""
     ctx = current_session()
     n = int(ctx.state.get("count", 0)) + 1
-    ctx.patch({"count": n})
+    await ctx.patch({"count": n})
     return n
 
 

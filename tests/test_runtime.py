@@ -81,7 +81,7 @@ async def test_handle_session_is_idle_after_creation(
     assert all(c.isalnum() or c in "-_" for c in handle)
     assert handle not in repr(session)
     assert handle not in repr(session.snapshot())
-    assert sup.resolve_handle(handle, "alice") is session
+    assert await sup.resolve_handle(handle, "alice") is session
 
 
 async def test_requests_hold_session_active_until_the_last_finishes(
@@ -169,7 +169,7 @@ async def test_idle_session_expires_after_timeout(
     await trio.sleep(0.5 + sup.settings.cleanup_interval)  # within one scan interval
     assert (session.state, session.reason) == (S.TERMINATED, R.IDLE_TIMEOUT)
     with pytest.raises(SessionExpired) as info:
-        sup.resolve_handle(handle, "alice")
+        await sup.resolve_handle(handle, "alice")
     assert info.value.code == "session_expired"
     assert sup.statistics().expired == 1
 
@@ -233,7 +233,7 @@ async def test_tombstone_is_forgotten_after_retention(
         with pytest.raises(SessionNotFound):
             sup.get(session.id)
         with pytest.raises(SessionNotFound):
-            sup.resolve_handle(handle, "alice")
+            await sup.resolve_handle(handle, "alice")
 
 
 async def test_scan_tick_only_touches_due_entries(
@@ -258,13 +258,13 @@ async def test_foreign_and_unknown_handles_look_the_same(
     errors = []
     for attempt, principal in [(handle, "mallory"), ("no-such-handle", "alice"), ("", "alice")]:
         with pytest.raises(SessionNotFound) as info:
-            sup.resolve_handle(attempt, principal)
+            await sup.resolve_handle(attempt, principal)
         errors.append((type(info.value), str(info.value), info.value.code))
     assert len(set(errors)) == 1
-    await sup.close(sup.resolve_handle(handle, "alice"))
+    await sup.close(await sup.resolve_handle(handle, "alice"))
     # and a closed session of someone else is still just "not found"
     with pytest.raises(SessionNotFound):
-        sup.resolve_handle(handle, "mallory")
+        await sup.resolve_handle(handle, "mallory")
     assert sup.statistics().handle_validations == {"ok": 1, "not_found": 4}
 
 
@@ -336,11 +336,11 @@ async def test_state_document_merge_patch_and_versions(
 ) -> None:
     session, _ = await sup.open_handle_session(principal="alice")
     assert (session.state_document(), session.version) == ({}, 0)
-    assert session.patch_state({"a": 1, "b": {"c": 2, "d": 3}}) == 1
-    assert session.patch_state({"b": {"c": None}, "e": [1]}, if_version=1) == 2
+    assert await session.patch_state({"a": 1, "b": {"c": 2, "d": 3}}) == 1
+    assert await session.patch_state({"b": {"c": None}, "e": [1]}, if_version=1) == 2
     assert session.state_document() == {"a": 1, "b": {"d": 3}, "e": [1]}
     with pytest.raises(VersionConflict) as info:
-        session.patch_state({"a": 2}, if_version=1)
+        await session.patch_state({"a": 2}, if_version=1)
     assert (info.value.expected, info.value.current, info.value.code) == (1, 2, "version_conflict")
     assert session.state_document()["a"] == 1
     document = session.state_document()
@@ -348,7 +348,7 @@ async def test_state_document_merge_patch_and_versions(
     assert session.state_document()["a"] == 1
     await sup.close(session)
     with pytest.raises(SessionClosed):
-        session.patch_state({"a": 3})
+        await session.patch_state({"a": 3})
 
 
 # -- limits ----------------------------------------------------------------------
@@ -419,7 +419,7 @@ async def test_setup_hook_runs_while_initializing(autojump_clock: trio.testing.M
 
     async def setup(session: Session) -> None:
         seen.append(session.state)
-        session.patch_state({"ready": True})
+        await session.patch_state({"ready": True})
 
     async with open_supervisor(hooks=Hooks(setup=setup)) as sup:
         session, _ = await sup.open_handle_session(principal="a")
