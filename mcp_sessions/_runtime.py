@@ -1211,6 +1211,8 @@ class Supervisor:
         if scopes is None:
             scopes = session._requests_scopes = set()
         scopes.add(scope)
+        if self._store is not None and session._stored:
+            self._dirty[session] = None  # written at the next touch, however long it runs
 
     def _end_request(
         self, session: Session, scope: trio.CancelScope, started: float, *, failed: bool

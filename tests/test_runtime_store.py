@@ -1,0 +1,332 @@
+"""The runtime on a store: two supervisors sharing one store stand for two processes.
+
+MemoryStore is the contract's reference backend; ``DurableMemoryStore`` only
+claims to survive restarts, which is what the runtime checks before keeping
+handle sessions at shutdown. The real backends run the same contract in
+``test_store_contract.py`` and these behaviours end to end in
+``test_persistence_e2e.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from mcp_sessions import (
+    Hooks,
+    Session,
+    SessionClosed,
+    SessionExpired,
+    SessionNotFound,
+    SessionState,
+    Settings,
+    Supervisor,
+    TerminationReason,
+    VersionConflict,
+    open_supervisor,
+)
+from mcp_sessions._store import MemoryStore, StoreUnavailable, Touch
+
+S = SessionState
+R = TerminationReason
+EPOCH = 1_700_000_000.0
+
+
+class DurableMemoryStore(MemoryStore):
+    """A MemoryStore that counts its writes and can be switched off."""
+
+    durable = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: dict[str, int] = {}
+        self.down = False
+
+    def _check(self, op: str, write: bool = True) -> None:
+        if self.down:
+            raise StoreUnavailable(f"store is down ({op})")
+        if write:
+            self.writes[op] = self.writes.get(op, 0) + 1
+
+    async def create(self, record: Any) -> None:
+        self._check("create")
+        await super().create(record)
+
+    async def load_by_hash(self, handle_hash: str) -> Any:
+        self._check("load_by_hash", write=False)
+        return await super().load_by_hash(handle_hash)
+
+    async def terminate(self, *args: Any, **kwargs: Any) -> Any:
+        self._check("terminate")
+        return await super().terminate(*args, **kwargs)
+
+    async def patch_state(self, *args: Any, **kwargs: Any) -> Any:
+        self._check("patch_state")
+        return await super().patch_state(*args, **kwargs)
+
+    async def touch(self, touches: Sequence[Touch]) -> None:
+        self._check("touch")
+        await super().touch(touches)
+
+    async def expire(self, *args: Any, **kwargs: Any) -> Any:
+        self._check("expire")
+        return await super().expire(*args, **kwargs)
+
+
+def wall() -> float:
+    """A wall clock that follows trio's (mock) clock."""
+    return EPOCH + trio.current_time()
+
+
+SETTINGS = Settings(
+    idle_timeout=60, cleanup_interval=1, touch_interval=5, sweep_interval=30, max_lifetime=3600
+)
+
+
+@asynccontextmanager
+async def process(
+    store: MemoryStore, settings: Settings = SETTINGS, hooks: Hooks | None = None
+) -> AsyncIterator[Supervisor]:
+    async with open_supervisor(settings, hooks=hooks, store=store, wall_clock=wall) as sup:
+        yield sup
+
+
+async def test_open_close_are_committed_before_they_return(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = DurableMemoryStore()
+    async with process(store) as sup:
+        session, handle = await sup.open_handle_session(principal="alice", metadata={"k": 1})
+        record = await store.load(session.id)
+        assert record is not None
+        assert (record.state, record.kind, record.principal) == ("idle", "handle", "alice")
+        assert handle not in repr(record)
+        assert record.metadata == {"k": 1}
+        await sup.close(session)
+        record = await store.load(session.id)
+        assert record is not None
+        assert (record.state, record.reason) == ("terminated", "closed")
+
+
+async def test_handle_opened_in_one_process_works_in_another(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = DurableMemoryStore()
+    async with process(store) as a, process(store) as b:
+        session_a, handle = await a.open_handle_session(principal="alice")
+        await session_a.patch_state({"cart": ["apple"]})
+        session_b = await b.resolve_handle(handle, "alice")
+        assert session_b.id == session_a.id
+        assert session_b.state_document() == {"cart": ["apple"]}
+        assert session_b.version == 1
+        with pytest.raises(SessionNotFound):
+            await b.resolve_handle(handle, "mallory")
+
+
+async def test_patches_from_two_processes_lose_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = DurableMemoryStore()
+    async with process(store) as a, process(store) as b:
+        session_a, handle = await a.open_handle_session(principal="alice")
+        session_b = await b.resolve_handle(handle, "alice")
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                target = session_a if i % 2 else session_b
+                nursery.start_soon(target.patch_state, {f"k{i}": i})
+        record = await store.load(session_a.id)
+        assert record is not None
+        assert record.version == 20
+        assert record.doc == {f"k{i}": i for i in range(20)}
+        # if_version is checked against the store, not a stale local copy
+        with pytest.raises(VersionConflict) as info:
+            await session_a.patch_state({"x": 1}, if_version=session_a.version - 1)
+        assert info.value.current == 20
+
+
+async def test_closed_in_one_process_is_closed_in_the_other(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = DurableMemoryStore()
+    async with process(store) as a, process(store) as b:
+        session_a, handle = await a.open_handle_session(principal="alice")
+        session_b = await b.resolve_handle(handle, "alice")
+        await b.close(session_b)
+        with pytest.raises(SessionClosed):
+            await a.resolve_handle(handle, "alice")
+        await a.wait_terminated(session_a)
+        assert (session_a.state, session_a.reason) == (S.TERMINATED, R.CLOSED)
+        assert store.writes["terminate"] == 1  # ended once, by b
+
+
+async def test_use_elsewhere_keeps_a_session_from_idling_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = DurableMemoryStore()
+    async with process(store) as a, process(store) as b:
+        session_a, handle = await a.open_handle_session(principal="alice")
+        session_b = await b.resolve_handle(handle, "alice")
+        for _ in range(10):  # 200 s of use in b; a sees none of it locally
+            await trio.sleep(20)
+            async with b.request(session_b):
+                pass
+        assert session_a.state is S.IDLE
+        await trio.sleep(100)  # now nobody uses it
+        assert session_a.state is S.TERMINATED
+        assert session_a.reason is R.IDLE_TIMEOUT
+        assert session_b.state is S.TERMINATED
+        record = await store.load(session_a.id)
+        assert record is not None
+        assert record.reason == "idle_timeout"
+        assert store.writes["expire"] >= 1
+
+
+async def test_touches_are_coalesced_not_one_per_request(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = DurableMemoryStore()
+    async with process(store) as sup:
+        session, _ = await sup.open_handle_session(principal="alice")
+        for _ in range(1000):
+            async with sup.request(session):
+                await trio.sleep(0.01)  # 1000 requests over 10 s
+        await trio.sleep(6)
+        record = await store.load(session.id)
+        assert record is not None
+        assert record.requests == 1000
+        assert store.writes.get("touch", 0) <= 3  # one per touch interval at most
+        assert record.last_active == pytest.approx(wall() - 6, abs=0.1)
+
+
+async def test_a_long_request_keeps_its_session_fresh_in_the_store(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = DurableMemoryStore()
+    async with process(store) as a, process(store) as b:
+        session, handle = await a.open_handle_session(principal="alice")
+        async with a.request(session):
+            await trio.sleep(200)  # longer than the idle timeout
+            await b.resolve_handle(handle, "alice")  # b's sweep and checks see it live
+
+
+async def test_restart_resumes_handle_sessions_with_their_state(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = DurableMemoryStore()
+    resumed: list[str] = []
+
+    async def resume(session: Session) -> None:
+        resumed.append(session.id)
+
+    async with process(store) as first:
+        session, handle = await first.open_handle_session(principal="alice")
+        await session.patch_state({"notes": ["a"]})
+        async with first.request(session):
+            pass
+    assert session.reason is R.SHUTDOWN
+    record = await store.load(session.id)
+    assert record is not None
+    assert record.state == "idle"  # kept, not ended, by the shutdown
+    await trio.sleep(30)
+    async with process(store, hooks=Hooks(resume=resume)) as second:
+        again = await second.resolve_handle(handle, "alice")
+        assert again.id == session.id
+        assert again.state_document() == {"notes": ["a"]}
+        assert again.snapshot().requests == 1
+        assert resumed == [session.id]
+        # its idle clock counts from the last activity before the restart
+        await trio.sleep(31)
+        assert again.reason is R.IDLE_TIMEOUT
+
+
+async def test_deadline_passed_during_downtime_is_expired(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = DurableMemoryStore()
+    async with process(store) as first:
+        _, handle = await first.open_handle_session(principal="alice")
+    await trio.sleep(120)
+    async with process(store) as second:
+        with pytest.raises(SessionExpired):
+            await second.resolve_handle(handle, "alice")
+        assert second.live_count == 0
+
+
+async def test_sweep_ends_sessions_nobody_has_loaded(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = DurableMemoryStore()
+    async with process(store) as first:
+        session, _ = await first.open_handle_session(principal="alice")
+    async with process(store) as second:
+        await trio.sleep(SETTINGS.idle_timeout + SETTINGS.sweep_interval + 1)
+        record = await store.load(session.id)
+        assert record is not None
+        assert (record.state, record.reason) == ("terminated", "idle_timeout")
+        assert second.statistics().cleanup_errors == 0
+
+
+async def test_store_outage_is_a_clear_error_and_recovers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = DurableMemoryStore()
+    async with process(store) as sup:
+        session, handle = await sup.open_handle_session(principal="alice")
+        store.down = True
+        with pytest.raises(StoreUnavailable):
+            await sup.open_handle_session(principal="alice")
+        with pytest.raises(StoreUnavailable):
+            await session.patch_state({"a": 1})
+        with pytest.raises(StoreUnavailable):
+            await sup.close(session)
+        with pytest.raises(StoreUnavailable):
+            await sup.resolve_handle(handle, "alice")
+        assert session.state is S.IDLE  # nothing the client was told succeeded
+        assert sup.store_error is not None
+        assert sup.live_count == 1  # the failed open left nothing behind
+        async with sup.request(session):  # local work still runs
+            pass
+        store.down = False
+        assert await sup.resolve_handle(handle, "alice") is session
+        assert sup.store_error is None
+        assert await session.patch_state({"a": 1}) == 1
+        await sup.close(session)
+
+
+async def test_connection_sessions_end_in_the_store_at_shutdown(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from mcp_sessions import SessionKind
+
+    store = DurableMemoryStore()
+    async with process(store) as sup:
+        conn = await sup.create_session(kind=SessionKind.CONNECTION, principal="a", ready=False)
+        record = await store.load(conn.id)
+        assert record is not None
+        assert record.state == "initializing"
+        sup.mark_ready(conn)
+        await trio.testing.wait_all_tasks_blocked()
+        record = await store.load(conn.id)
+        assert record is not None
+        assert record.state == "idle"
+    record = await store.load(conn.id)
+    assert record is not None
+    assert (record.state, record.reason) == ("terminated", "shutdown")
+
+
+async def test_list_records_shows_every_process_sessions(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = DurableMemoryStore()
+    async with process(store) as a, process(store) as b:
+        one, _ = await a.open_handle_session(principal="alice")
+        two, _ = await b.open_handle_session(principal="alice")
+        await b.open_handle_session(principal="bob")
+        assert [r.id for r in await a.list_records("alice")] == [one.id, two.id]
+
+
