@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -44,7 +45,7 @@ from ._store import (
     Touch,
 )
 
-__all__ = ["COLUMNS", "LATEST_SCHEMA", "Dialect", "SQLStoreBase", "decode_record"]
+__all__ = ["COLUMNS", "LATEST_SCHEMA", "Dialect", "SQLStoreBase", "decode_record", "redact_url"]
 
 logger = logging.getLogger("mcp_sessions.store")
 
@@ -368,7 +369,8 @@ class SQLStoreBase:
         self, session_id: str, patch: Mapping[str, Any], *, if_version: int | None, at: float
     ) -> tuple[int, dict[str, Any]]:
         read = self._q(
-            f"SELECT state, reason, doc, version FROM sessions WHERE id = %s{self.dialect.for_update}"
+            "SELECT state, reason, doc, version FROM sessions WHERE id = %s"
+            + self.dialect.for_update
         )
         write = self._q(
             f"UPDATE sessions SET doc = %s, version = %s, "
@@ -482,3 +484,15 @@ class SQLStoreBase:
 #: Sweep building blocks for the backends.
 DUE = _DUE
 REASON = _REASON
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for logs and health reports).
+
+    Handles ``scheme://user:password@host/...`` and libpq keyword strings
+    (``password=...``) as well as a ``password`` query parameter.
+    """
+    if "://" in url:
+        url = re.sub(r"(://[^/@:]*:)([^@/]*)@", r"\1***@", url)
+        return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
+    return re.sub(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url)

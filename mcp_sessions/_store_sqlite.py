@@ -26,6 +26,7 @@ NFS: WAL needs shared memory).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -132,10 +133,8 @@ class SQLiteStore(SQLStoreBase):
                 return result
             except BaseException:
                 if conn.in_transaction:
-                    try:
+                    with contextlib.suppress(sqlite3.Error):
                         conn.rollback()
-                    except sqlite3.Error:
-                        pass
                 raise
             finally:
                 cur.close()

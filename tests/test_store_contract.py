@@ -1,0 +1,676 @@
+"""One contract suite for every session store backend (memory, SQLite, PostgreSQL).
+
+MemoryStore is the reference: every backend must return the same values and
+raise the same errors. PostgreSQL tests run when ``MCP_SESSIONS_TEST_PG_DSN``
+is set (each test in its own schema, dropped afterwards).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from mcp_sessions._errors import SessionClosed, SessionExpired, SessionNotFound, VersionConflict
+from mcp_sessions._state import TerminationReason as R
+from mcp_sessions._store import (
+    MemoryStore,
+    SchemaTooNew,
+    SessionRecord,
+    SessionStore,
+    StoreError,
+    Touch,
+)
+from mcp_sessions._store_url import redact_url, store_from_url
+
+PG_DSN = os.environ.get("MCP_SESSIONS_TEST_PG_DSN")
+PG_SKIP = "set MCP_SESSIONS_TEST_PG_DSN to run PostgreSQL store tests"
+T0 = 1_700_000_000.0
+
+MakeStore = Callable[[], Awaitable[SessionStore]]
+
+
+def record(
+    session_id: str,
+    *,
+    principal: str = "alice",
+    kind: str = "handle",
+    state: str = "idle",
+    created: float = T0,
+    idle_timeout: float = 60.0,
+    lifetime: float = 3600.0,
+    handle_hash: str | None = "",
+    **extra: Any,
+) -> SessionRecord:
+    return SessionRecord(
+        id=session_id,
+        handle_hash=f"hash-{session_id}" if handle_hash == "" else handle_hash,
+        kind=kind,
+        principal=principal,
+        state=state,
+        created_at=created,
+        last_active=created,
+        idle_timeout=idle_timeout,
+        expires_at=created + lifetime,
+        **extra,
+    )
+
+
+def pg_schema() -> str:
+    return f"mcpst_{uuid.uuid4().hex[:12]}"
+
+
+def drop_pg_schema(schema: str) -> None:
+    import psycopg
+
+    assert PG_DSN is not None
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def pg_exec(schema: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    import psycopg
+
+    assert PG_DSN is not None
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        cur = conn.execute(f'SET search_path TO "{schema}"')
+        cur = conn.execute(sql.encode(), params)  # type: ignore[call-overload]
+        return list(cur.fetchall()) if cur.description else []
+
+
+class Backend:
+    """Makes opened stores of one backend that share one database; closes them all."""
+
+    def __init__(self, name: str, tmp_path: Path) -> None:
+        self.name = name
+        self.path = tmp_path / "state" / "sessions.db"
+        self.schema = pg_schema()
+        self.stores: list[SessionStore] = []
+        self._memory: MemoryStore | None = None
+
+    def new(self, **kwargs: Any) -> SessionStore:
+        if self.name == "memory":
+            if self._memory is None:
+                self._memory = MemoryStore()
+            return self._memory
+        if self.name == "sqlite":
+            from mcp_sessions._store_sqlite import SQLiteStore
+
+            return SQLiteStore(self.path, **kwargs)
+        from mcp_sessions._store_pg import PostgresStore
+
+        assert PG_DSN is not None
+        return PostgresStore(PG_DSN, schema=self.schema, **kwargs)
+
+    async def make(self, **kwargs: Any) -> SessionStore:
+        store = self.new(**kwargs)
+        await store.open()
+        if store not in self.stores:
+            self.stores.append(store)
+        return store
+
+    async def close_all(self) -> None:
+        for store in self.stores:
+            await store.aclose()
+        self.stores.clear()
+
+    def raw(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Run SQL on the backend's database behind the store's back."""
+        if self.name == "sqlite":
+            conn = sqlite3.connect(self.path, isolation_level=None)
+            try:
+                return list(conn.execute(sql.replace("%s", "?"), params).fetchall())
+            finally:
+                conn.close()
+        assert self.name == "postgresql"
+        return pg_exec(self.schema, sql, params)
+
+    def cleanup(self) -> None:
+        if self.name == "postgresql":
+            drop_pg_schema(self.schema)
+
+
+BACKENDS = [
+    "memory",
+    "sqlite",
+    pytest.param("postgresql", marks=pytest.mark.skipif(PG_DSN is None, reason=PG_SKIP)),
+]
+SHARED = [
+    "sqlite",
+    pytest.param("postgresql", marks=pytest.mark.skipif(PG_DSN is None, reason=PG_SKIP)),
+]
+
+
+async def _backend(name: str, tmp_path: Path) -> AsyncIterator[Backend]:
+    backend = Backend(name, tmp_path)
+    try:
+        yield backend
+    finally:
+        await backend.close_all()
+        backend.cleanup()
+
+
+@pytest.fixture(params=BACKENDS)
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    async for b in _backend(request.param, tmp_path):
+        yield b
+
+
+@pytest.fixture(params=SHARED)
+async def shared(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    async for b in _backend(request.param, tmp_path):
+        yield b
+
+
+@pytest.fixture
+async def store(backend: Backend) -> SessionStore:
+    return await backend.make()
+
+
+# -- create / load ---------------------------------------------------------
+
+
+async def test_create_load_roundtrip(store: SessionStore) -> None:
+    rec = record(
+        "s1",
+        client={"name": "c", "nested": {"v": [1, 2.5, None, True]}},
+        metadata={"tag": "x"},
+        doc={"a": {"b": 1}},
+        version=3,
+        requests=2,
+        errors=1,
+    )
+    await store.create(rec)
+    assert await store.load("s1") == rec
+    assert await store.load_by_hash("hash-s1") == rec
+    assert await store.load("nope") is None
+    assert await store.load_by_hash("nope") is None
+    assert store.backend in ("memory", "sqlite", "postgresql")
+
+
+async def test_loaded_records_are_copies(store: SessionStore) -> None:
+    await store.create(record("s1", doc={"a": [1]}))
+    loaded = await store.load("s1")
+    assert loaded is not None
+    loaded.doc["a"].append(2)  # type: ignore[index]
+    again = await store.load("s1")
+    assert again is not None
+    assert again.doc == {"a": [1]}
+
+
+async def test_null_handle_hashes_do_not_collide(store: SessionStore) -> None:
+    await store.create(record("c1", handle_hash=None, kind="connection"))
+    await store.create(record("c2", handle_hash=None, kind="connection"))
+    got = await store.load("c2")
+    assert got is not None
+    assert got.handle_hash is None
+
+
+async def test_duplicate_create_fails(store: SessionStore) -> None:
+    await store.create(record("s1"))
+    with pytest.raises(StoreError):
+        await store.create(record("s1", handle_hash="other"))
+    with pytest.raises(StoreError):
+        await store.create(record("s2", handle_hash="hash-s1"))
+    assert await store.load("s2") is None
+
+
+async def test_mark_ready(store: SessionStore) -> None:
+    await store.create(record("c1", state="initializing", kind="connection"))
+    await store.mark_ready("c1", T0 + 5)
+    got = await store.load("c1")
+    assert got is not None
+    assert (got.state, got.last_active) == ("idle", T0 + 5)
+    await store.mark_ready("c1", T0 + 9)  # already ready: no change
+    got = await store.load("c1")
+    assert got is not None
+    assert got.last_active == T0 + 5
+    await store.mark_ready("unknown", T0)
+
+
+# -- ending sessions -------------------------------------------------------
+
+
+async def test_terminate_exactly_once(store: SessionStore) -> None:
+    await store.create(record("s1"))
+    touch = Touch("s1", last_active=T0 + 3, requests=4, errors=1)
+    assert await store.terminate("s1", R.CLOSED, T0 + 5, touch) is R.CLOSED
+    assert await store.terminate("s1", R.EVICTED, T0 + 6) is R.CLOSED
+    got = await store.load("s1")
+    assert got is not None
+    assert (got.state, got.reason, got.terminated_at) == ("terminated", "closed", T0 + 5)
+    assert (got.last_active, got.requests, got.errors) == (T0 + 3, 4, 1)
+    assert await store.terminate("unknown", R.CLOSED, T0) is None
+
+
+async def test_terminate_without_touch_keeps_activity(store: SessionStore) -> None:
+    await store.create(record("s1", requests=7))
+    assert await store.terminate("s1", R.SHUTDOWN, T0 + 1) is R.SHUTDOWN
+    got = await store.load("s1")
+    assert got is not None
+    assert (got.last_active, got.requests) == (T0, 7)
+
+
+async def test_expire_only_when_due(store: SessionStore) -> None:
+    await store.create(record("idle", idle_timeout=10, lifetime=100))
+    await store.create(record("old", idle_timeout=1000, lifetime=100))
+    await store.create(record("init", state="initializing", idle_timeout=10, lifetime=100))
+    assert await store.expire("idle", T0 + 9.5) is None
+    assert await store.expire("idle", T0 + 10) is R.IDLE_TIMEOUT
+    assert await store.expire("idle", T0 + 11) is None  # already ended
+    assert await store.expire("old", T0 + 99) is None
+    assert await store.expire("old", T0 + 100) is R.LIFETIME_EXCEEDED
+    assert await store.expire("init", T0 + 50) is None  # initializing does not idle out
+    assert await store.expire("init", T0 + 100) is R.LIFETIME_EXCEEDED
+    assert await store.expire("unknown", T0 + 1000) is None
+    got = await store.load("idle")
+    assert got is not None
+    assert (got.reason, got.terminated_at) == ("idle_timeout", T0 + 10)
+
+
+async def test_expire_prefers_lifetime_when_both_due(store: SessionStore) -> None:
+    await store.create(record("s", idle_timeout=10, lifetime=20))
+    assert await store.expire("s", T0 + 30) is R.LIFETIME_EXCEEDED
+
+
+async def test_touch_moves_idle_deadline(store: SessionStore) -> None:
+    await store.create(record("s", idle_timeout=10))
+    await store.touch([Touch("s", last_active=T0 + 8)])
+    assert await store.expire("s", T0 + 12) is None
+    assert await store.expire("s", T0 + 18) is R.IDLE_TIMEOUT
+
+
+# -- state -----------------------------------------------------------------
+
+
+async def test_patch_state_merge_and_versions(store: SessionStore) -> None:
+    await store.create(record("s1"))
+    assert await store.patch_state("s1", {"a": 1, "b": {"c": 2}}, if_version=None, at=T0 + 1) == (
+        1,
+        {"a": 1, "b": {"c": 2}},
+    )
+    assert await store.patch_state("s1", {"a": None, "b": {"d": [1]}}, if_version=1, at=T0 + 2) == (
+        2,
+        {"b": {"c": 2, "d": [1]}},
+    )
+    with pytest.raises(VersionConflict) as info:
+        await store.patch_state("s1", {"x": 1}, if_version=1, at=T0 + 3)
+    assert (info.value.expected, info.value.current) == (1, 2)
+    got = await store.load("s1")
+    assert got is not None
+    assert (got.version, got.doc, got.last_active) == (2, {"b": {"c": 2, "d": [1]}}, T0 + 2)
+    # last_active never moves backwards
+    await store.patch_state("s1", {}, if_version=2, at=T0)
+    got = await store.load("s1")
+    assert got is not None
+    assert (got.version, got.last_active) == (3, T0 + 2)
+
+
+async def test_patch_state_errors(store: SessionStore) -> None:
+    with pytest.raises(SessionNotFound):
+        await store.patch_state("unknown", {"a": 1}, if_version=None, at=T0)
+    await store.create(record("closed"))
+    await store.create(record("expired", idle_timeout=1))
+    await store.terminate("closed", R.CLOSED, T0 + 1)
+    await store.expire("expired", T0 + 2)
+    with pytest.raises(SessionClosed) as closed:
+        await store.patch_state("closed", {"a": 1}, if_version=None, at=T0 + 3)
+    assert closed.value.reason is R.CLOSED
+    with pytest.raises(SessionExpired) as expired:
+        await store.patch_state("expired", {"a": 1}, if_version=0, at=T0 + 3)
+    assert expired.value.reason is R.IDLE_TIMEOUT
+    got = await store.load("closed")
+    assert got is not None
+    assert (got.version, got.doc) == (0, {})
+
+
+# -- activity --------------------------------------------------------------
+
+
+async def test_touch(store: SessionStore) -> None:
+    await store.create(record("a"))
+    await store.create(record("b"))
+    await store.terminate("b", R.CLOSED, T0 + 1)
+    await store.touch([])
+    await store.touch(
+        [
+            Touch("a", last_active=T0 + 10, requests=3, errors=1),
+            Touch("b", last_active=T0 + 10, requests=3),
+            Touch("unknown", last_active=T0 + 10, requests=3),
+        ]
+    )
+    await store.touch([Touch("a", last_active=T0 + 5, requests=2)])  # older: no step back
+    a = await store.load("a")
+    b = await store.load("b")
+    assert a is not None
+    assert b is not None
+    assert (a.last_active, a.requests, a.errors) == (T0 + 10, 5, 1)
+    assert (b.last_active, b.requests, b.errors) == (T0, 0, 0)
+
+
+# -- listing ---------------------------------------------------------------
+
+
+async def test_list_by_principal(store: SessionStore) -> None:
+    await store.create(record("z", created=T0 + 1))
+    await store.create(record("y", created=T0 + 2))
+    await store.create(record("b", created=T0 + 1))  # same time as z: id breaks the tie
+    await store.create(record("other", principal="bob"))
+    await store.terminate("y", R.CLOSED, T0 + 3)
+    live = await store.list_by_principal("alice")
+    assert [r.id for r in live] == ["b", "z"]
+    everything = await store.list_by_principal("alice", include_terminated=True)
+    assert [r.id for r in everything] == ["b", "z", "y"]
+    assert everything[2].state == "terminated"
+    assert await store.list_by_principal("nobody") == []
+
+
+async def test_list_recent(store: SessionStore) -> None:
+    for i, sid in enumerate(["a", "b", "c", "d"]):
+        await store.create(record(sid, created=T0 + i, principal=f"p{i}"))
+    await store.touch([Touch("a", last_active=T0 + 10)])
+    await store.terminate("c", R.CLOSED, T0 + 20)
+    assert [r.id for r in await store.list_recent()] == ["a", "d", "c", "b"]
+    assert [r.id for r in await store.list_recent(limit=2)] == ["a", "d"]
+    assert await store.list_recent(limit=0) == []
+
+
+async def test_counts(store: SessionStore) -> None:
+    assert await store.counts() == {}
+    await store.create(record("a"))
+    await store.create(record("b"))
+    await store.create(record("c", kind="connection", state="initializing", handle_hash=None))
+    await store.terminate("b", R.CLOSED, T0 + 1)
+    assert await store.counts() == {
+        ("idle", "handle"): 1,
+        ("terminated", "handle"): 1,
+        ("initializing", "connection"): 1,
+    }
+
+
+# -- sweep / purge ---------------------------------------------------------
+
+
+async def test_sweep_ends_due_sessions_once(store: SessionStore) -> None:
+    await store.create(record("idle", idle_timeout=10))
+    await store.create(record("old", lifetime=20, idle_timeout=1000))
+    await store.create(record("fresh", idle_timeout=1000))
+    await store.create(record("init", state="initializing", idle_timeout=10, handle_hash=None))
+    await store.create(record("done", idle_timeout=1))
+    await store.terminate("done", R.CLOSED, T0 + 1)
+    assert await store.sweep(T0 + 5) == []
+    ended = await store.sweep(T0 + 30)
+    assert sorted(ended, key=lambda e: e[0]) == [
+        ("idle", R.IDLE_TIMEOUT),
+        ("old", R.LIFETIME_EXCEEDED),
+    ]
+    assert await store.sweep(T0 + 30) == []
+    got = await store.load("idle")
+    assert got is not None
+    assert (got.state, got.reason, got.terminated_at) == ("terminated", "idle_timeout", T0 + 30)
+    done = await store.load("done")
+    assert done is not None
+    assert done.reason == "closed"
+
+
+async def test_sweep_respects_limit(store: SessionStore) -> None:
+    for i in range(7):
+        await store.create(record(f"s{i}", idle_timeout=1, created=T0 + i / 10))
+    first = await store.sweep(T0 + 100, limit=3)
+    second = await store.sweep(T0 + 100, limit=3)
+    third = await store.sweep(T0 + 100, limit=3)
+    assert [len(first), len(second), len(third)] == [3, 3, 1]
+    ids = [sid for sid, _ in first + second + third]
+    assert sorted(ids) == [f"s{i}" for i in range(7)]
+    assert await store.sweep(T0 + 100, limit=0) == []
+
+
+async def test_purge(store: SessionStore) -> None:
+    await store.create(record("a"))
+    await store.create(record("b"))
+    await store.create(record("c"))
+    await store.terminate("a", R.CLOSED, T0 + 1)
+    await store.terminate("b", R.CLOSED, T0 + 5)
+    assert await store.purge(T0 + 5) == 1
+    assert await store.load("a") is None
+    assert await store.load_by_hash("hash-a") is None
+    assert await store.load("b") is not None
+    assert await store.load("c") is not None
+    assert await store.purge(T0 + 100) == 1
+    assert await store.purge(T0 + 100) == 0
+    # the purged handle hash can be used again
+    await store.create(record("a2", handle_hash="hash-a"))
+
+
+async def test_health(store: SessionStore) -> None:
+    health = await store.health()
+    assert health.ok
+    assert health.backend == store.backend
+    assert health.error is None
+    assert health.latency_s is not None
+    assert health.latency_s >= 0
+    if store.backend != "memory":
+        assert health.schema_version == 1
+        assert store.durable
+
+
+# -- several processes (store instances) on one database --------------------
+
+
+async def test_concurrent_patches_from_two_instances_lose_nothing(shared: Backend) -> None:
+    one = await shared.make()
+    two = await shared.make()
+    await one.create(record("s"))
+    per_task = 10
+    tasks = 3
+
+    async def patcher(store: SessionStore, name: str) -> None:
+        for i in range(per_task):
+            await store.patch_state("s", {f"{name}-{i}": i}, if_version=None, at=T0 + i)
+
+    async with trio.open_nursery() as nursery:
+        for t in range(tasks):
+            nursery.start_soon(patcher, one, f"one{t}")
+            nursery.start_soon(patcher, two, f"two{t}")
+    got = await two.load("s")
+    assert got is not None
+    assert got.version == 2 * tasks * per_task
+    assert len(got.doc) == 2 * tasks * per_task
+
+
+async def test_if_version_races_have_one_winner(shared: Backend) -> None:
+    one = await shared.make()
+    two = await shared.make()
+    await one.create(record("s"))
+    wins: list[int] = []
+    conflicts: list[int] = []
+
+    async def attempt(store: SessionStore, n: int) -> None:
+        try:
+            await store.patch_state("s", {"winner": n}, if_version=0, at=T0)
+            wins.append(n)
+        except VersionConflict:
+            conflicts.append(n)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(6):
+            nursery.start_soon(attempt, one if n % 2 else two, n)
+    assert len(wins) == 1
+    assert len(conflicts) == 5
+
+
+async def test_concurrent_sweeps_end_each_session_once(shared: Backend) -> None:
+    one = await shared.make()
+    two = await shared.make()
+    expired = 40
+    for i in range(expired):
+        await one.create(record(f"e{i:02}", idle_timeout=1, created=T0 + i / 100))
+    await one.create(record("live", idle_timeout=10_000))
+    results: list[list[tuple[str, R]]] = []
+
+    async def sweeper(store: SessionStore) -> None:
+        while True:
+            ended = await store.sweep(T0 + 100, limit=7)
+            if not ended:
+                return
+            results.append(ended)
+
+    async with trio.open_nursery() as nursery:
+        for store in (one, two, one, two):
+            nursery.start_soon(sweeper, store)
+    ids = [sid for batch in results for sid, _ in batch]
+    assert len(ids) == expired
+    assert len(set(ids)) == expired
+    live = await two.load("live")
+    assert live is not None
+    assert live.live
+
+
+async def test_concurrent_terminate_has_one_winner(shared: Backend) -> None:
+    one = await shared.make()
+    two = await shared.make()
+    await one.create(record("s"))
+    reasons = [R.CLOSED, R.EVICTED, R.SHUTDOWN, R.ERROR]
+    results: list[R | None] = []
+
+    async def ender(store: SessionStore, reason: R) -> None:
+        results.append(await store.terminate("s", reason, T0 + 1))
+
+    async with trio.open_nursery() as nursery:
+        for n, reason in enumerate(reasons):
+            nursery.start_soon(ender, one if n % 2 else two, reason)
+    assert len(set(results)) == 1
+    got = await one.load("s")
+    assert got is not None
+    assert got.termination_reason is results[0]
+
+
+# -- migrations ------------------------------------------------------------
+
+
+async def test_reopen_keeps_data(shared: Backend) -> None:
+    store = await shared.make()
+    await store.create(record("s", doc={"k": "v"}))
+    await store.patch_state("s", {"n": 1}, if_version=0, at=T0)
+    await shared.close_all()
+    again = await shared.make()
+    got = await again.load("s")
+    assert got is not None
+    assert (got.version, got.doc) == (1, {"k": "v", "n": 1})
+    assert shared.raw("SELECT version FROM schema_version") == [(1,)]
+
+
+async def test_schema_too_new_is_refused_untouched(shared: Backend) -> None:
+    store = await shared.make()
+    await store.create(record("s", doc={"k": "v"}))
+    await shared.close_all()
+    shared.raw("INSERT INTO schema_version (version, applied_at) VALUES (99, 0)")
+    before = shared.raw("SELECT id, doc, version FROM sessions")
+    newer = shared.new()
+    with pytest.raises(SchemaTooNew, match="schema version 99"):
+        await newer.open()
+    await newer.aclose()
+    assert shared.raw("SELECT id, doc, version FROM sessions") == before
+    assert shared.raw("SELECT MAX(version) FROM schema_version") == [(99,)]
+
+
+async def test_two_instances_open_a_fresh_store_at_once(shared: Backend) -> None:
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(shared.make)
+    assert shared.raw("SELECT version FROM schema_version") == [(1,)]
+
+
+async def test_sqlite_creates_directory_and_uses_wal(tmp_path: Path) -> None:
+    from mcp_sessions._store_sqlite import SQLiteStore
+
+    path = tmp_path / "deep" / "er" / "s.db"
+    store = SQLiteStore(path, synchronous="FULL")
+    await store.open()
+    try:
+        await store.create(record("s"))
+    finally:
+        await store.aclose()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        (hash_,) = conn.execute("SELECT handle_hash FROM sessions").fetchone()
+        assert hash_ == "hash-s"
+    finally:
+        conn.close()
+
+
+def test_default_sqlite_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from mcp_sessions._store_sqlite import default_sqlite_path
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    assert default_sqlite_path() == tmp_path / "mcp-sessions" / "sessions.db"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_sqlite_path() == tmp_path / "home" / ".local/state/mcp-sessions/sessions.db"
+
+
+# -- store URLs ------------------------------------------------------------
+
+
+def test_store_from_url() -> None:
+    from mcp_sessions._store_sqlite import SQLiteStore
+
+    assert isinstance(store_from_url("memory"), MemoryStore)
+    assert isinstance(store_from_url("memory:"), MemoryStore)
+    s = store_from_url("sqlite:///tmp/x/s.db?synchronous=full")
+    assert isinstance(s, SQLiteStore)
+    assert (str(s.path), s.synchronous) == ("/tmp/x/s.db", "FULL")
+    rel = store_from_url("sqlite://rel/s.db")
+    assert isinstance(rel, SQLiteStore)
+    assert str(rel.path) == "rel/s.db"
+    bare = store_from_url("sessions.db")
+    assert isinstance(bare, SQLiteStore)
+    assert bare.synchronous == "NORMAL"
+    assert isinstance(store_from_url("/var/lib/x/sessions"), SQLiteStore)
+    pytest.importorskip("psycopg_pool")
+    from mcp_sessions._store_pg import PostgresStore
+
+    pg = store_from_url("postgresql://u:pw@db:5432/app?schema=s1&sslmode=disable&max_size=8")
+    assert isinstance(pg, PostgresStore)
+    assert (pg.dsn, pg.schema, pg.max_size) == (
+        "postgresql://u:pw@db:5432/app?sslmode=disable",
+        "s1",
+        8,
+    )
+    assert "pw" not in repr(pg)
+    assert isinstance(store_from_url("postgres://db/app"), PostgresStore)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "redis://localhost",
+        "mysql://u:secret@h/db",
+        "sessions",
+        "sqlite://",
+        "sqlite:///x.db?synchronous=off",
+        "sqlite:///x.db?bogus=1",
+        "postgresql://h/db?schema=bad-name",
+    ],
+)
+def test_store_from_url_rejects(url: str) -> None:
+    with pytest.raises(ValueError, match="accepted forms") as info:
+        store_from_url(url)
+    assert "secret" not in str(info.value)
+
+
+def test_redact_url() -> None:
+    assert redact_url("postgresql://u:s3cret@h/db") == "postgresql://u:***@h/db"
+    assert (
+        redact_url("postgresql://h/db?password=s3cret&x=1") == "postgresql://h/db?password=***&x=1"
+    )
+    assert redact_url("host=h password=s3cret user=u") == "host=h password=*** user=u"
+    assert redact_url("sqlite:///a/b.db") == "sqlite:///a/b.db"
