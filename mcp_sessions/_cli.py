@@ -19,6 +19,7 @@ from typing import Any
 from ._errors import SettingsError
 from ._server import CorrelationFilter, run_stdio
 from ._settings import Settings
+from ._store import StoreError, StoreUnavailable
 from ._transport import DEFAULT_MAX_MESSAGE_SIZE
 
 __all__ = ["build_parser", "build_server", "main"]
@@ -76,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
         "MCP_SESSIONS_IDLE_TIMEOUT=600).",
     )
     opt = serve.add_argument
-    opt("--store", default=_env("STORE", "memory:"),
-        help="session store URL; only 'memory:' for now (env MCP_SESSIONS_STORE)")  # fmt: skip
+    opt("--store", default=_env("STORE"),
+        help="session store: 'memory', 'sqlite:///path.db' or 'postgresql://...' "
+             "(default: SQLite at $XDG_STATE_HOME/mcp-sessions/sessions.db; "
+             "env MCP_SESSIONS_STORE)")  # fmt: skip
     opt("--idle-timeout", type=float, default=_env("IDLE_TIMEOUT"),
         help="seconds an idle session lives (default 1800)")  # fmt: skip
     opt("--max-lifetime", type=float, default=_env("MAX_LIFETIME"),
@@ -99,7 +102,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="log level for stderr (default info)")  # fmt: skip
     opt("--log-format", default=_env("LOG_FORMAT", "text"), choices=["text", "json"],
         help="log line format on stderr (default text)")  # fmt: skip
+
+    status = commands.add_parser(
+        "status", help="sessions in a store by state and kind, the most recently active"
+    )
+    status.add_argument("--store", default=_env("STORE"), help="store URL (as for serve)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    sessions = commands.add_parser("sessions", help="list or close sessions in a store")
+    sessions_commands = sessions.add_subparsers(dest="action", required=True)
+    listing = sessions_commands.add_parser("list", help="list sessions (public ids, no handles)")
+    listing.add_argument("--store", default=_env("STORE"), help="store URL (as for serve)")
+    listing.add_argument("--principal", help="only this principal's sessions")
+    listing.add_argument("--all", action="store_true", help="include terminated sessions")
+    listing.add_argument("--limit", type=int, default=50, help="most sessions shown (default 50)")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of text")
+    closing = sessions_commands.add_parser("close", help="terminate a session by its public id")
+    closing.add_argument("id", help="the session's public id (s_...)")
+    closing.add_argument("--store", default=_env("STORE"), help="store URL (as for serve)")
     return parser
+
+
+def _store_url(value: str | None) -> str:
+    if value:
+        return value
+    from ._store_sqlite import default_sqlite_path
+
+    return f"sqlite:///{default_sqlite_path()}"
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -144,9 +173,18 @@ def main(argv: Sequence[str] | None = None, *, server: Any = None) -> int:
     """Run the command line; ``server`` replaces the built-in server (for embedding)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "serve":
+        configure_logging("warning", "text")
+        from ._admin import run_admin
+
+        return run_admin(args, _store_url(args.store))
     configure_logging(args.log_level, args.log_format)
-    if args.store not in ("memory:", "memory"):
-        parser.error(f"unsupported store {args.store!r}: only 'memory:' is available")
+    from ._store_url import store_from_url
+
+    try:
+        store = store_from_url(_store_url(args.store))
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         settings = settings_from_args(args)
         max_message_size = (
@@ -154,10 +192,21 @@ def main(argv: Sequence[str] | None = None, *, server: Any = None) -> int:
         )
     except (SettingsError, ValueError) as exc:
         parser.error(str(exc))
+    try:
+        _serve(args, settings, max_message_size, store, server)
+    except (StoreError, StoreUnavailable) as exc:
+        logging.getLogger("mcp_sessions").error("cannot use the session store: %s", exc)
+        return 1
+    return 0
+
+
+def _serve(
+    args: argparse.Namespace, settings: Settings, max_message_size: int, store: Any, server: Any
+) -> None:
     run_stdio(
         server if server is not None else build_server(),
         settings=settings,
         principal=args.principal or None,
         max_message_size=max_message_size,
+        store=store,
     )
-    return 0

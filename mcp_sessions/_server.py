@@ -65,6 +65,7 @@ from ._runtime import (
 )
 from ._settings import Settings
 from ._state import SessionState, TerminationReason
+from ._store import LIVE, SessionRecord, SessionStore
 from ._transport import DEFAULT_MAX_MESSAGE_SIZE, StdioTransport, claim_stdio
 
 __all__ = [
@@ -372,10 +373,26 @@ class SessionLayer:
 
     # -- resources --------------------------------------------------------------------
 
-    def health(self) -> dict[str, Any]:
+    async def health(self) -> dict[str, Any]:
+        store = self.supervisor.store
+        store_info: dict[str, Any] = {"backend": "none", "healthy": True}
+        if store is not None:
+            with trio.move_on_after(5):
+                h = await self.supervisor.store_health()
+                assert h is not None
+                store_info = {
+                    "backend": h.backend,
+                    "healthy": h.ok,
+                    "latency_ms": round(h.latency_s * 1000, 3) if h.latency_s is not None else None,
+                    "error": h.error,
+                    "schema_version": h.schema_version,
+                }
+            if "latency_ms" not in store_info:
+                store_info = {"backend": store.backend, "healthy": False, "error": "timed out"}
         stats = self.supervisor.statistics()
+        status = "ok" if store_info["healthy"] else "degraded"
         return {
-            "status": "ok" if self.supervisor.admitting else "stopping",
+            "status": status if self.supervisor.admitting else "stopping",
             "sessions": {
                 "live": sum(stats.live_by_state.values()),
                 "by_state": {
@@ -384,7 +401,7 @@ class SessionLayer:
                     if state is not SessionState.TERMINATED
                 },
             },
-            "store": {"backend": "memory", "healthy": True},
+            "store": store_info,
             "cleanup": {
                 "last_run": _iso(self.supervisor.last_cleanup),
                 "runs": stats.cleanup_runs,
@@ -415,6 +432,20 @@ def _snapshot_times(snap: SessionSnapshot) -> dict[str, Any]:
         "last_active": _iso(snap.last_active),
         "idle_timeout_s": snap.idle_timeout,
         "expires_at": _iso(min(expires, snap.expires_at)),
+    }
+
+
+def _record_summary(record: SessionRecord) -> dict[str, Any]:
+    idle_end = record.last_active + record.idle_timeout if record.state == LIVE else None
+    expires = min(record.expires_at, idle_end) if idle_end is not None else record.expires_at
+    return {
+        "id": record.id,
+        "kind": record.kind,
+        "state": record.state,
+        "created_at": _iso(record.created_at),
+        "last_active": _iso(record.last_active),
+        "idle_timeout_s": record.idle_timeout,
+        "expires_at": _iso(expires),
     }
 
 
@@ -476,8 +507,11 @@ async def session_info(session: _Handle = None) -> CallToolResult:
 async def session_list() -> CallToolResult:
     """List the caller's live sessions (public ids only, never handles)."""
     layer = _layer_env().layer
-    sessions = [_snapshot_times(snap) for snap in layer.supervisor.sessions(layer.principal)]
-    return _ok({"sessions": sessions})
+    try:
+        records = await layer.supervisor.list_records(layer.principal)
+    except SessionError as exc:
+        return _error(exc)
+    return _ok({"sessions": [_record_summary(r) for r in records]})
 
 
 async def session_state_get(
@@ -523,7 +557,7 @@ _TOOL_FUNCS = (
 
 
 async def _health_resource() -> str:
-    return json.dumps(_layer_env().layer.health(), sort_keys=True)
+    return json.dumps(await _layer_env().layer.health(), sort_keys=True)
 
 
 async def _metrics_resource() -> str:
@@ -603,6 +637,7 @@ async def serve_stdio(
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     shutdown_grace: float | None = None,
     supervisor: Supervisor | None = None,
+    store: SessionStore | str | None = None,
     stdin: trio.abc.ReceiveStream | None = None,
     stdout: trio.abc.SendStream | None = None,
     handle_signals: bool | None = None,
@@ -616,8 +651,15 @@ async def serve_stdio(
 
     ``stdin``/``stdout`` default to the process's fds 0 and 1 (claimed for the
     protocol: stray writes to fd 1 go to stderr while serving). Pass a running
-    ``supervisor`` to share sessions between several connections.
+    ``supervisor`` to share sessions between several connections, or a
+    ``store`` (a :class:`SessionStore` or a URL such as ``sqlite:///path.db``
+    or ``postgresql://...``) to keep sessions across restarts and processes;
+    without either, sessions live in memory.
     """
+    if isinstance(store, str):
+        from ._store_url import store_from_url
+
+        store = store_from_url(store)
     settings = settings or (supervisor.settings if supervisor is not None else Settings())
     grace = settings.shutdown_grace if shutdown_grace is None else shutdown_grace
     if session_tools:
@@ -643,7 +685,7 @@ async def serve_stdio(
         if supervisor is not None:
             await _serve_with(server, supervisor, principal, transport)
         else:
-            async with open_supervisor(settings, hooks=hooks) as own:
+            async with open_supervisor(settings, hooks=hooks, store=store) as own:
                 await _serve_with(server, own, principal, transport)
                 await own.shutdown(grace=0 if transport.broken else grace)
     finally:
@@ -669,10 +711,16 @@ async def _serve_with(
 def run_stdio(server: MCPServer[Any], **kwargs: Any) -> None:
     """Serve ``server`` over stdio with the session layer (blocks; runs trio).
 
-    Takes the keyword arguments of :func:`serve_stdio`. Returns when the client
-    goes away or on SIGINT/SIGTERM; a stdio server that ends that way has
-    succeeded, so the process should exit 0.
+    Takes the keyword arguments of :func:`serve_stdio`, and any
+    :class:`Settings` field directly (``run_stdio(server, idle_timeout=600)``).
+    Returns when the client goes away or on SIGINT/SIGTERM; a stdio server
+    that ends that way has succeeded, so the process should exit 0.
     """
+    fields = {f.name for f in attrs.fields(Settings)}
+    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
+    if overrides:
+        base = kwargs.pop("settings", None) or Settings()
+        kwargs["settings"] = Settings.from_mapping({**base.to_mapping(), **overrides})
     try:
         trio.run(_run, server, kwargs)
     except KeyboardInterrupt:  # a SIGINT before our handler was installed

@@ -43,7 +43,7 @@ def test_bad_option_values_are_rejected(capsys: pytest.CaptureFixture[str]) -> N
     from mcp_sessions._cli import main
 
     with pytest.raises(SystemExit) as exc:
-        main(["serve", "--store", "postgres://nope"])
+        main(["serve", "--store", "redis://localhost/0"])
     assert exc.value.code == 2
     with pytest.raises(SystemExit):
         main(["serve", "--idle-timeout", "-1"])

@@ -1,0 +1,144 @@
+"""Operator commands on a store: ``mcp-sessions status`` and ``mcp-sessions sessions``.
+
+These talk to the store directly, not to a running server: they work whether
+or not any server is up, and every server sharing the store sees the result
+(a session closed here is ``session_closed`` there on its next use). They
+print to stdout: they are not the stdio server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+import time
+from typing import Any
+
+import trio
+
+from ._state import TerminationReason
+from ._store import SessionRecord, SessionStore, StoreError, StoreUnavailable
+from ._store_url import redact_url, store_from_url
+
+__all__ = ["run_admin"]
+
+
+def run_admin(args: argparse.Namespace, url: str) -> int:
+    """Run ``status`` or ``sessions list|close``; return the exit code."""
+    try:
+        store = store_from_url(url)
+    except ValueError as exc:
+        print(f"mcp-sessions: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return trio.run(_main, args, store, url)
+    except (StoreError, StoreUnavailable) as exc:
+        print(f"mcp-sessions: store {redact_url(url)}: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _main(args: argparse.Namespace, store: SessionStore, url: str) -> int:
+    await store.open()
+    try:
+        if args.command == "status":
+            return await _status(args, store, url)
+        if args.action == "list":
+            return await _list(args, store)
+        return await _close(args, store)
+    finally:
+        await store.aclose()
+
+
+async def _status(args: argparse.Namespace, store: SessionStore, url: str) -> int:
+    counts = await store.counts()
+    recent = await store.list_recent(10)
+    health = await store.health()
+    by_state: dict[str, int] = {}
+    by_kind: dict[str, int] = {}
+    for (state, kind), n in counts.items():
+        by_state[state] = by_state.get(state, 0) + n
+        by_kind[kind] = by_kind.get(kind, 0) + n
+    report = {
+        "store": redact_url(url),
+        "backend": health.backend,
+        "healthy": health.ok,
+        "schema_version": health.schema_version,
+        "sessions_by_state": by_state,
+        "sessions_by_kind": by_kind,
+        "sessions_by_state_and_kind": {f"{s}/{k}": n for (s, k), n in sorted(counts.items())},
+        "requests_total": sum(r.requests for r in recent),
+        "most_recently_active": [_summary(r) for r in recent],
+    }
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return 0
+    print(f"store: {report['store']} ({health.backend}, healthy={health.ok})")
+    print("sessions by state: " + _pairs(by_state))
+    print("sessions by kind:  " + _pairs(by_kind))
+    print("most recently active:")
+    for r in recent:
+        print("  " + _line(r))
+    if not recent:
+        print("  (none)")
+    return 0
+
+
+async def _list(args: argparse.Namespace, store: SessionStore) -> int:
+    if args.principal:
+        records = await store.list_by_principal(args.principal, include_terminated=args.all)
+        records = records[-args.limit :]
+    else:
+        records = [r for r in await store.list_recent(args.limit) if args.all or r.live]
+    if args.json:
+        print(json.dumps([_summary(r) for r in records], indent=2, sort_keys=True))
+    else:
+        for r in records:
+            print(_line(r))
+    return 0
+
+
+async def _close(args: argparse.Namespace, store: SessionStore) -> int:
+    record = await store.load(args.id)
+    if record is None:
+        print(f"mcp-sessions: no session {args.id}", file=sys.stderr)
+        return 1
+    reason = await store.terminate(args.id, TerminationReason.CLOSED, time.time())
+    if reason is TerminationReason.CLOSED and record.live:
+        print(f"{args.id} closed")
+        return 0
+    print(f"{args.id} had already ended ({reason.value if reason else 'unknown'})")
+    return 0
+
+
+def _summary(r: SessionRecord) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "kind": r.kind,
+        "principal": r.principal,
+        "state": r.state,
+        "reason": r.reason,
+        "created_at": _iso(r.created_at),
+        "last_active": _iso(r.last_active),
+        "requests": r.requests,
+        "errors": r.errors,
+        "version": r.version,
+    }
+
+
+def _line(r: SessionRecord) -> str:
+    ended = f" ({r.reason})" if r.reason else ""
+    return (
+        f"{r.id}  {r.kind:<10} {r.principal:<16} {r.state}{ended}  "
+        f"last active {_iso(r.last_active)}  requests {r.requests}"
+    )
+
+
+def _pairs(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
+
+
+def _iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return _dt.datetime.fromtimestamp(t, _dt.UTC).isoformat(timespec="seconds")
