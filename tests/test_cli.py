@@ -55,7 +55,7 @@ async def test_serve_logs_json_with_correlation_to_stderr_only(tmp_path: Path) -
     stderr_path = tmp_path / "stderr.log"
     with stderr_path.open("wb") as stderr:
         proc = await trio.lowlevel.open_process(
-            [PYTHON, "-m", "mcp_sessions", "serve", "--log-level", "debug"],
+            [PYTHON, "-m", "mcp_sessions", "serve", "--store", "memory", "--log-level", "debug"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env,
         )  # fmt: skip
     assert proc.stdin is not None

@@ -12,8 +12,8 @@ from mcp_types import CallToolResult
 
 from .conftest import E2E_SERVER, PYTHON
 
-ARGS = ["serve", "--cleanup-interval", "0.05", "--max-sessions-per-principal", "5",
-        "--principal", "alice"]  # fmt: skip
+ARGS = ["serve", "--store", "memory", "--cleanup-interval", "0.05",
+        "--max-sessions-per-principal", "5", "--principal", "alice"]  # fmt: skip
 
 
 def params(*extra: str) -> StdioServerParameters:

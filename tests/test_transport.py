@@ -86,7 +86,7 @@ async def raw_server(tmp_path: Path, *args: str) -> AsyncIterator[Raw]:
     stderr_path = tmp_path / "stderr.log"
     with stderr_path.open("wb") as stderr:
         proc = await trio.lowlevel.open_process(
-            [PYTHON, E2E_SERVER, "serve", "--log-level", "debug", *args],
+            [PYTHON, E2E_SERVER, "serve", "--store", "memory", "--log-level", "debug", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr,
