@@ -80,7 +80,7 @@ def pg_exec(schema: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[A
     assert PG_DSN is not None
     with psycopg.connect(PG_DSN, autocommit=True) as conn:
         cur = conn.execute(f'SET search_path TO "{schema}"')
-        cur = conn.execute(sql.encode(), params)  # type: ignore[call-overload]
+        cur = conn.execute(sql.encode(), params)
         return list(cur.fetchall()) if cur.description else []
 
 
@@ -198,7 +198,7 @@ async def test_loaded_records_are_copies(store: SessionStore) -> None:
     await store.create(record("s1", doc={"a": [1]}))
     loaded = await store.load("s1")
     assert loaded is not None
-    loaded.doc["a"].append(2)  # type: ignore[index]
+    loaded.doc["a"].append(2)
     again = await store.load("s1")
     assert again is not None
     assert again.doc == {"a": [1]}
