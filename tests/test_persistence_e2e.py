@@ -1,0 +1,261 @@
+"""Persistence end to end: real server processes, the official client, real SQLite and PostgreSQL.
+
+- restart: a handle session outlives its server process, state intact;
+- two processes on one store: open in one, patch in the other, close in one seen in the other,
+  interleaved patches lose nothing (SQLite file and PostgreSQL database);
+- ``kill -9`` while patching: every acknowledged write is there afterwards and the SQLite file
+  passes ``PRAGMA integrity_check``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from mcp.client.client import Client
+from mcp.client.stdio import StdioServerParameters
+from mcp_types import CallToolResult
+
+from .conftest import PYTHON
+
+PG_DSN = os.environ.get("MCP_SESSIONS_TEST_PG_DSN")
+
+
+def serve_args(store: str, *extra: str) -> list[str]:
+    return ["-m", "mcp_sessions", "serve", "--store", store, "--principal", "alice",
+            "--log-level", "warning", *extra]  # fmt: skip
+
+
+@asynccontextmanager
+async def connect(store: str, mode: str = "auto", *extra: str) -> AsyncIterator[Client]:
+    params = StdioServerParameters(command=PYTHON, args=serve_args(store, *extra))
+    with trio.fail_after(30):
+        async with Client(params, mode=mode) as client:  # type: ignore[arg-type]
+            yield client
+
+
+def ok(result: CallToolResult) -> dict[str, Any]:
+    assert not result.is_error, result
+    assert result.structured_content is not None
+    return result.structured_content
+
+
+def error_code(result: CallToolResult) -> str:
+    assert result.is_error, result
+    assert result.structured_content is not None
+    code: str = result.structured_content["error"]["code"]
+    return code
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'sessions.db'}"
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    if not PG_DSN:
+        pytest.skip("set MCP_SESSIONS_TEST_PG_DSN to run PostgreSQL end-to-end tests")
+    import psycopg
+
+    schema = "e2e_" + uuid.uuid4().hex[:10]
+    sep = "&" if "?" in PG_DSN else "?"
+    yield f"{PG_DSN}{sep}schema={schema}"
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'shared.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+async def test_handle_session_resumes_after_a_restart(sqlite_url: str) -> None:
+    async with connect(sqlite_url, "legacy") as first:
+        opened = ok(await first.call_tool("session_open", {"metadata": {"app": "notes"}}))
+        handle = opened["session"]
+        ok(await first.call_tool("session_state_patch", {"session": handle, "patch": {"n": 1}}))
+    # the first server process has exited (stdin EOF); a new one serves the same file
+    async with connect(sqlite_url, "auto") as second:
+        got = ok(await second.call_tool("session_state_get", {"session": handle}))
+        assert got == {"state": {"n": 1}, "version": 1}
+        info = ok(await second.call_tool("session_info", {"session": handle}))
+        assert info["id"] == opened["id"]
+        assert info["state"] in ("idle", "active")
+        listed = ok(await second.call_tool("session_list", {}))["sessions"]
+        assert [s["id"] for s in listed if s["kind"] == "handle"] == [opened["id"]]
+
+
+async def test_session_idle_past_its_timeout_across_a_restart_is_expired(sqlite_url: str) -> None:
+    async with connect(sqlite_url, "auto") as first:
+        handle = ok(await first.call_tool("session_open", {"idle_timeout_s": 0.5}))["session"]
+    await trio.sleep(1.0)  # real time: the server is not running, nothing to mock
+    async with connect(sqlite_url, "auto") as second:
+        result = await second.call_tool("session_info", {"session": handle})
+        assert error_code(result) == "session_expired"
+
+
+async def test_two_processes_share_sessions(shared_url: str) -> None:
+    async with connect(shared_url, "legacy") as a, connect(shared_url, "auto") as b:
+        handle = ok(await a.call_tool("session_open", {}))["session"]
+        assert ok(await b.call_tool("session_state_patch", {"session": handle, "patch": {"x": 1}}))
+        got = ok(await a.call_tool("session_state_get", {"session": handle}))
+        assert got["state"] == {"x": 1}
+
+        async def patch_many(client: Client, prefix: str) -> None:
+            for i in range(15):
+                ok(
+                    await client.call_tool(
+                        "session_state_patch",
+                        {"session": handle, "patch": {f"{prefix}{i}": i}},
+                    )
+                )
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(patch_many, a, "a")
+            nursery.start_soon(patch_many, b, "b")
+        got = ok(await b.call_tool("session_state_get", {"session": handle}))
+        assert got["version"] == 31
+        assert set(got["state"]) == {"x"} | {f"a{i}" for i in range(15)} | {
+            f"b{i}" for i in range(15)
+        }
+
+        closed = ok(await b.call_tool("session_close", {"session": handle}))
+        assert closed["reason"] == "closed"
+        assert error_code(await a.call_tool("session_info", {"session": handle})) == (
+            "session_closed"
+        )
+        assert error_code(
+            await a.call_tool("session_state_patch", {"session": handle, "patch": {"y": 1}})
+        ) == ("session_closed")
+
+
+async def test_operator_can_list_and_close_sessions(sqlite_url: str) -> None:
+    async with connect(sqlite_url, "auto") as client:
+        opened = ok(await client.call_tool("session_open", {}))
+        status = await trio.run_process(
+            [PYTHON, "-m", "mcp_sessions", "status", "--store", sqlite_url, "--json"],
+            capture_stdout=True,
+        )
+        assert b'"handle"' in status.stdout
+        listed = await trio.run_process(
+            [PYTHON, "-m", "mcp_sessions", "sessions", "list", "--store", sqlite_url],
+            capture_stdout=True,
+        )
+        assert opened["id"].encode() in listed.stdout
+        assert opened["session"].encode() not in listed.stdout  # never a handle
+        await trio.run_process(
+            [PYTHON, "-m", "mcp_sessions", "sessions", "close", opened["id"], "--store",
+             sqlite_url],
+            capture_stdout=True,
+        )  # fmt: skip
+        result = await client.call_tool("session_info", {"session": opened["session"]})
+        assert error_code(result) == "session_closed"
+
+
+async def test_kill_9_loses_no_acknowledged_write(tmp_path: Path) -> None:
+    db = tmp_path / "crash.db"
+    url = f"sqlite:///{db}"
+    acknowledged: dict[str, int] = {}
+    handle: str | None = None
+    for round_ in range(4):
+        proc = await trio.lowlevel.open_process(
+            [PYTHON, *serve_args(url)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        async with _raw_client(proc) as call:
+            if handle is None:
+                handle = (await call("session_open", {}))["session"]
+
+            async def patch_forever(h: str, r: int) -> None:
+                i = 0
+                while True:
+                    key = f"r{r}k{i}"
+                    result = await call("session_state_patch", {"session": h, "patch": {key: i}})
+                    acknowledged[key] = result["version"]
+                    i += 1
+
+            with trio.move_on_after(0.3 + 0.2 * round_):
+                await patch_forever(handle, round_)
+            os.kill(proc.pid, signal.SIGKILL)  # mid-stream: a patch may be in flight
+        await proc.wait()
+    assert len(acknowledged) >= 20, acknowledged  # enough writes happened to mean something
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        conn.close()
+    assert handle is not None
+    async with connect(url, "auto") as client:
+        got = ok(await client.call_tool("session_state_get", {"session": handle}))
+    missing = set(acknowledged) - set(got["state"])
+    assert not missing, f"acknowledged writes lost: {sorted(missing)[:5]}"
+    assert got["version"] >= max(acknowledged.values())
+
+
+@asynccontextmanager
+async def _raw_client(proc: trio.Process) -> AsyncIterator[Any]:
+    """A minimal modern-era JSON-RPC client over the process's pipes (no handshake).
+
+    Used where the official client's own cleanup would get in the way of
+    killing the server mid-call.
+    """
+    import json
+
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    stdin, stdout = proc.stdin, proc.stdout
+    buffer = bytearray()
+    counter = 0
+    meta = {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientInfo": {"name": "crash-test", "version": "1"},
+        "io.modelcontextprotocol/clientCapabilities": {},
+    }
+
+    async def call(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        nonlocal counter
+        counter += 1
+        message = {
+            "jsonrpc": "2.0",
+            "id": counter,
+            "method": "tools/call",
+            "params": {"name": name, "arguments": arguments, "_meta": meta},
+        }
+        await stdin.send_all(json.dumps(message).encode() + b"\n")
+        while True:
+            newline = buffer.find(b"\n")
+            if newline >= 0:
+                line = bytes(buffer[:newline])
+                del buffer[: newline + 1]
+                reply = json.loads(line)
+                if reply.get("id") == counter:
+                    assert "result" in reply, reply
+                    result = reply["result"]
+                    assert not result.get("isError"), result
+                    structured: dict[str, Any] = result["structuredContent"]
+                    return structured
+                continue
+            chunk = await stdout.receive_some(65536)
+            if not chunk:
+                raise EOFError("server closed stdout")
+            buffer.extend(chunk)
+
+    try:
+        yield call
+    finally:
+        with trio.CancelScope(shield=True):
+            await stdin.aclose()
