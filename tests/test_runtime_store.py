@@ -328,5 +328,3 @@ async def test_list_records_shows_every_process_sessions(
         two, _ = await b.open_handle_session(principal="alice")
         await b.open_handle_session(principal="bob")
         assert [r.id for r in await a.list_records("alice")] == [one.id, two.id]
-
-
