@@ -28,6 +28,7 @@ connections' ``search_path``: several independent stores can share a database.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -122,12 +123,16 @@ class PostgresStore(SQLStoreBase):
             "tcp_user_timeout": int(max(self.op_timeout, self.connect_timeout) * 1000),
         }
 
-    def _in_thread(self, fn: Callable[[Any], T]) -> T:
+    def _in_thread(self, fn: Callable[[Any], T], abandoned: threading.Event) -> T:
         pool = self._pool
         if pool is None:
             raise StoreUnavailable(f"{self._where} is not open")
         with pool.connection(timeout=self.op_timeout) as conn, conn.cursor() as cur:
-            return fn(cur)
+            result = fn(cur)
+            if abandoned.is_set():
+                # The caller was told StoreUnavailable: roll back rather than commit.
+                raise StoreUnavailable(f"{self._where}: operation abandoned after its timeout")
+            return result
 
     async def _call(self, fn: Callable[[], T], what: str, *, bounded: bool = True) -> T:
         try:
@@ -153,7 +158,11 @@ class PostgresStore(SQLStoreBase):
             raise StoreUnavailable(f"{self._where} unavailable: {exc}") from exc
 
     async def _run(self, fn: Callable[[Any], T], *, write: bool) -> T:
-        return await self._call(lambda: self._in_thread(fn), "operation")
+        abandoned = threading.Event()
+        try:
+            return await self._call(lambda: self._in_thread(fn, abandoned), "operation")
+        finally:
+            abandoned.set()
 
     def _is_duplicate(self, exc: BaseException) -> bool:
         return isinstance(exc, psycopg.errors.UniqueViolation)

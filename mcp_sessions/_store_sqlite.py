@@ -129,6 +129,9 @@ class SQLiteStore(SQLStoreBase):
             try:
                 cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                 result = fn(cur)
+                if abandoned.is_set():
+                    # The caller was told StoreUnavailable: do not commit behind its back.
+                    raise _Cancelled("operation abandoned after its timeout")
                 cur.execute("COMMIT")
                 return result
             except BaseException:

@@ -284,3 +284,33 @@ async def test_postgres_down_at_open_is_unavailable(tmp_path: Path) -> None:
         await store.open()
     assert time.monotonic() - start < 5.0
     await store.aclose()
+
+
+async def test_sqlite_op_timeout_abandons_stuck_operation(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    # busy_timeout longer than op_timeout: the trio side gives up first.
+    store = SQLiteStore(path, busy_timeout=3.0, op_timeout=0.3)
+    await store.open()
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        await store.create(record("s"))
+        blocker.execute("BEGIN IMMEDIATE")
+        start = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="did not finish within"):
+            await store.patch_state("s", {"a": 1}, if_version=None, at=T0)
+        assert time.monotonic() - start < 1.0
+        blocker.execute("ROLLBACK")
+        # The abandoned thread finishes and rolls back (the caller was told it failed);
+        # the store keeps working and never shares the connection meanwhile.
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                version, doc = await store.patch_state("s", {"b": 2}, if_version=None, at=T0)
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline
+                await trio.sleep(0.1)
+        assert (version, doc) == (1, {"b": 2})
+    finally:
+        blocker.close()
+        await store.aclose()
