@@ -716,6 +716,7 @@ def run_stdio(server: MCPServer[Any], **kwargs: Any) -> None:
     Returns when the client goes away or on SIGINT/SIGTERM; a stdio server
     that ends that way has succeeded, so the process should exit 0.
     """
+    _ensure_standard_fds()
     fields = {f.name for f in attrs.fields(Settings)}
     overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
     if overrides:
@@ -725,6 +726,23 @@ def run_stdio(server: MCPServer[Any], **kwargs: Any) -> None:
         trio.run(_run, server, kwargs)
     except KeyboardInterrupt:  # a SIGINT before our handler was installed
         logger.info("interrupted")
+
+
+def _ensure_standard_fds() -> None:
+    """Give a closed fd 0, 1 or 2 a ``/dev/null`` before trio opens anything.
+
+    A client may start us with stdin closed; the next fd opened (trio's own
+    wakeup socket) would then *be* fd 0, and claiming stdio would clobber it.
+    A closed stdin then simply reads as EOF.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
 
 
 async def _run(server: MCPServer[Any], kwargs: dict[str, Any]) -> None:

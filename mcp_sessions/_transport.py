@@ -379,7 +379,8 @@ def claim_stdio() -> tuple[trio.lowlevel.FdStream, trio.lowlevel.FdStream, Calla
     """
     import sys
 
-    sys.stdout.flush()
+    if sys.stdout is not None:
+        sys.stdout.flush()
     saved_in, saved_out = os.dup(0), os.dup(1)
     stdin = trio.lowlevel.FdStream(os.dup(0))
     stdout = trio.lowlevel.FdStream(os.dup(1))
@@ -389,7 +390,8 @@ def claim_stdio() -> tuple[trio.lowlevel.FdStream, trio.lowlevel.FdStream, Calla
     os.dup2(2, 1)
 
     def restore() -> None:
-        sys.stdout.flush()
+        if sys.stdout is not None:
+            sys.stdout.flush()
         os.dup2(saved_in, 0)
         os.dup2(saved_out, 1)
         os.close(saved_in)

@@ -79,3 +79,20 @@ async def test_serve_logs_json_with_correlation_to_stderr_only(tmp_path: Path) -
     assert all({"session_id", "request_id", "level", "message"} <= entry.keys() for entry in logs)
     assert any(e["session_id"].startswith("s_") and e["request_id"] != "-" for e in logs)
     assert handle not in stderr_path.read_text()
+
+
+@pytest.mark.parametrize("redirect", ["</dev/null", "<&-", "<&- >&-"])
+async def test_serve_exits_0_at_once_without_a_client(redirect: str, tmp_path: Path) -> None:
+    """No stdin (CI, a misconfigured launcher): EOF at once, a clean exit 0, nothing on stdout."""
+    script = f'exec "{PYTHON}" -m mcp_sessions serve --log-level warning {redirect}'
+    with trio.fail_after(20):
+        result = await trio.run_process(
+            ["sh", "-c", script],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env={**os.environ, "XDG_STATE_HOME": str(tmp_path)},
+        )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b""
+    assert (tmp_path / "mcp-sessions" / "sessions.db").exists()  # the default store
