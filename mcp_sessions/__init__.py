@@ -43,6 +43,18 @@ from ._server import (
 )
 from ._settings import LimitPolicy, Settings
 from ._state import Event, SessionState, TerminationReason
+from ._store import (
+    MemoryStore,
+    SchemaTooNew,
+    SessionRecord,
+    SessionStore,
+    StoreError,
+    StoreHealth,
+    StoreUnavailable,
+    Touch,
+)
+from ._store_sqlite import SQLiteStore
+from ._store_url import store_from_url
 from ._transport import DEFAULT_MAX_MESSAGE_SIZE, StdioTransport
 
 __version__ = "0.1.0"
@@ -58,8 +70,12 @@ __all__ = [
     "InvalidTransition",
     "LimitExceeded",
     "LimitPolicy",
+    "MemoryStore",
+    "PostgresStore",
     "RequestScope",
     "RuntimeStatistics",
+    "SQLiteStore",
+    "SchemaTooNew",
     "Session",
     "SessionClosed",
     "SessionContext",
@@ -69,17 +85,23 @@ __all__ = [
     "SessionKind",
     "SessionLayer",
     "SessionNotFound",
+    "SessionRecord",
     "SessionRequired",
     "SessionSetupFailed",
     "SessionSnapshot",
     "SessionState",
+    "SessionStore",
     "Settings",
     "SettingsError",
     "ShuttingDown",
     "StdioTransport",
+    "StoreError",
+    "StoreHealth",
+    "StoreUnavailable",
     "Supervisor",
     "TerminationReason",
     "Tombstone",
+    "Touch",
     "TransitionEvent",
     "VersionConflict",
     "__version__",
@@ -91,4 +113,14 @@ __all__ = [
     "run_stdio",
     "serve_stdio",
     "session_context",
+    "store_from_url",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # PostgresStore imports psycopg: only pay for it when it is asked for.
+    if name == "PostgresStore":
+        from ._store_pg import PostgresStore
+
+        return PostgresStore
+    raise AttributeError(f"module 'mcp_sessions' has no attribute {name!r}")
