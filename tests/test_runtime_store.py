@@ -325,6 +325,7 @@ async def test_list_records_shows_every_process_sessions(
     store = DurableMemoryStore()
     async with process(store) as a, process(store) as b:
         one, _ = await a.open_handle_session(principal="alice")
+        await trio.sleep(1)  # oldest first
         two, _ = await b.open_handle_session(principal="alice")
         await b.open_handle_session(principal="bob")
         assert [r.id for r in await a.list_records("alice")] == [one.id, two.id]
