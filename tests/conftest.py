@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 E2E_SERVER = str(ROOT / "tests" / "e2e_server.py")

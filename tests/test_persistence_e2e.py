@@ -259,3 +259,59 @@ async def _raw_client(proc: trio.Process) -> AsyncIterator[Any]:
     finally:
         with trio.CancelScope(shield=True):
             await stdin.aclose()
+
+
+async def test_postgres_outage_gives_store_unavailable_and_recovers(pg_url: str) -> None:
+    """A real server behind a loopback proxy that cuts PostgreSQL off, then lets it back."""
+    from urllib.parse import urlsplit
+
+    from .test_store_faults import Proxy
+
+    parts = urlsplit(pg_url)
+    proxy = Proxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.serve)
+        netloc = f"{parts.username or 'postgres'}@127.0.0.1:{proxy.port}"
+        query = parts.query + "&op_timeout=2&store_connect_timeout=1"
+        url = parts._replace(netloc=netloc, query=query).geturl()
+        async with connect(url, "auto") as client:
+            handle = ok(await client.call_tool("session_open", {}))["session"]
+            ok(
+                await client.call_tool(
+                    "session_state_patch", {"session": handle, "patch": {"a": 1}}
+                )
+            )
+
+            proxy.cut_all()
+            start = trio.current_time()
+            result = await client.call_tool(
+                "session_state_patch", {"session": handle, "patch": {"b": 2}}
+            )
+            assert error_code(result) == "store_unavailable"
+            assert trio.current_time() - start < 6  # bounded: op timeout 2 s, plus slack
+            health = await client.read_resource("sessions://health")
+            text = health.contents[0].text  # type: ignore[union-attr]
+            assert '"healthy": false' in text
+            assert '"status": "degraded"' in text
+            assert len((await client.list_tools()).tools) >= 6  # still serving
+
+            proxy.restore()
+            with trio.fail_after(20):  # the pool reconnects by itself
+                while True:
+                    result = await client.call_tool("session_state_get", {"session": handle})
+                    if not result.is_error:
+                        break
+                    assert error_code(result) == "store_unavailable"
+                    await trio.sleep(0.3)
+            got = ok(result)
+            assert got["state"]["a"] == 1
+            patched = ok(
+                await client.call_tool(
+                    "session_state_patch",
+                    {"session": handle, "patch": {"c": 3}, "if_version": got["version"]},
+                )
+            )
+            assert patched["version"] == got["version"] + 1
+            health = await client.read_resource("sessions://health")
+            assert '"status": "ok"' in health.contents[0].text  # type: ignore[union-attr]
+        nursery.cancel_scope.cancel()
