@@ -39,7 +39,7 @@ import trio
 from psycopg.types.json import Jsonb
 
 from ._errors import SessionError
-from ._store import SchemaTooNew, StoreHealth, StoreUnavailable
+from ._store import SchemaTooNew, StoreUnavailable
 from ._store_sql import (
     DUE,
     LATEST_SCHEMA,
@@ -233,22 +233,3 @@ class PostgresStore(SQLStoreBase):
         pool, self._pool = self._pool, None
         if pool is not None:
             await trio.to_thread.run_sync(lambda: pool.close(timeout=5.0))
-
-    async def health(self) -> StoreHealth:
-        start = time.perf_counter()
-
-        def op(cur: Any) -> int:
-            cur.execute("SELECT MAX(version) FROM schema_version")
-            row = cur.fetchone()
-            return int(row[0]) if row and row[0] is not None else 0
-
-        try:
-            version = await self._run(op, write=False)
-        except Exception as exc:
-            return StoreHealth(backend=self.backend, ok=False, error=str(exc))
-        return StoreHealth(
-            backend=self.backend,
-            ok=True,
-            latency_s=time.perf_counter() - start,
-            schema_version=version,
-        )

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -42,6 +43,7 @@ from ._store import (
     TERMINATED,
     SessionRecord,
     StoreError,
+    StoreHealth,
     Touch,
 )
 
@@ -273,6 +275,26 @@ class SQLStoreBase:
         raise NotImplementedError
 
     # -- operations --------------------------------------------------------
+
+    async def health(self) -> StoreHealth:
+        """Round trip to the schema table: reachability, latency, schema version."""
+        start = time.perf_counter()
+
+        def op(cur: Any) -> int:
+            cur.execute("SELECT MAX(version) FROM schema_version")
+            row = cur.fetchone()
+            return int(row[0]) if row and row[0] is not None else 0
+
+        try:
+            version = await self._run(op, write=False)
+        except Exception as exc:
+            return StoreHealth(backend=self.backend, ok=False, error=str(exc))
+        return StoreHealth(
+            backend=self.backend,
+            ok=True,
+            latency_s=time.perf_counter() - start,
+            schema_version=version,
+        )
 
     async def create(self, record: SessionRecord) -> None:
         jp = self.dialect.json_param

@@ -38,7 +38,7 @@ from typing import Any, Literal, TypeVar
 
 import trio
 
-from ._store import SchemaTooNew, StoreHealth, StoreUnavailable
+from ._store import SchemaTooNew, StoreUnavailable
 from ._store_sql import (
     DUE,
     LATEST_SCHEMA,
@@ -260,25 +260,6 @@ class SQLiteStore(SQLStoreBase):
 
     async def aclose(self) -> None:
         await trio.to_thread.run_sync(self._close_sync, limiter=self._limiter)
-
-    async def health(self) -> StoreHealth:
-        start = time.perf_counter()
-
-        def op(cur: Any) -> int:
-            cur.execute("SELECT MAX(version) FROM schema_version")
-            row = cur.fetchone()
-            return int(row[0]) if row and row[0] is not None else 0
-
-        try:
-            version = await self._run(op, write=False)
-        except Exception as exc:
-            return StoreHealth(backend=self.backend, ok=False, error=str(exc))
-        return StoreHealth(
-            backend=self.backend,
-            ok=True,
-            latency_s=time.perf_counter() - start,
-            schema_version=version,
-        )
 
 
 def _explain(path: Path, exc: sqlite3.DatabaseError) -> str:

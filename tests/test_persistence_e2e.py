@@ -23,9 +23,9 @@ import pytest
 import trio
 from mcp.client.client import Client
 from mcp.client.stdio import StdioServerParameters
-from mcp_types import CallToolResult
 
 from .conftest import PYTHON
+from .test_server_e2e import error_code, ok
 
 PG_DSN = os.environ.get("MCP_SESSIONS_TEST_PG_DSN")
 
@@ -41,19 +41,6 @@ async def connect(store: str, mode: str = "auto", *extra: str) -> AsyncIterator[
     with trio.fail_after(30):
         async with Client(params, mode=mode) as client:  # type: ignore[arg-type]
             yield client
-
-
-def ok(result: CallToolResult) -> dict[str, Any]:
-    assert not result.is_error, result
-    assert result.structured_content is not None
-    return result.structured_content
-
-
-def error_code(result: CallToolResult) -> str:
-    assert result.is_error, result
-    assert result.structured_content is not None
-    code: str = result.structured_content["error"]["code"]
-    return code
 
 
 @pytest.fixture
