@@ -46,7 +46,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from types import MappingProxyType, TracebackType
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import attrs
 import trio
@@ -166,9 +166,12 @@ class SessionSnapshot:
     version: int
 
 
-@attrs.frozen(kw_only=True)
-class Tombstone:
-    """What is remembered of a terminated session until retention runs out."""
+class Tombstone(NamedTuple):
+    """What is remembered of a terminated session until retention runs out.
+
+    A named tuple rather than an attrs class: one is made for every session
+    that ends, so it should cost as little as a tuple.
+    """
 
     id: str
     kind: SessionKind
@@ -498,8 +501,17 @@ class Supervisor:
         # IDLE sessions in the order they became idle (oldest first), for eviction.
         self._idle_order: dict[Session, None] = {}
         self._idle_by_principal: dict[str, dict[Session, None]] = {}
-        # Deadline heap: (deadline, seq, session); a session's live entry has its _deadline_seq.
-        self._heap: list[tuple[float, int, Session]] = []
+        # Deadlines, bucketed by scanner tick: bucket k holds the entries
+        # (deadline, seq, session) with (k - 1) * w < deadline <= k * w, where w is
+        # the cleanup interval, and the scanner ticks on the grid of multiples of
+        # w. A tick at time t opens exactly the buckets with k * w <= t, every
+        # entry of which is due, so a session ends at the first tick at or after
+        # its deadline (within one interval) and a tick costs O(entries due). A
+        # small heap of bucket numbers finds the earliest. A session's current
+        # entry carries its _deadline_seq; older ones are stale and skipped.
+        self._buckets: dict[int, list[tuple[float, int, Session]]] = {}
+        self._bucket_keys: list[int] = []
+        self._bucket_width = self.settings.cleanup_interval
         self._seq = 0
         self._tombstones: dict[str, Tombstone] = {}
         self._tombstones_by_hash: dict[str, Tombstone] = {}
@@ -1150,11 +1162,11 @@ class Supervisor:
         return session.deadline
 
     def _schedule_deadline(self, session: Session) -> None:
-        """Make sure the heap holds an entry no later than the session's deadline.
+        """Make sure an entry no later than the session's deadline is scheduled.
 
         Each session keeps one current entry (its ``_deadline_seq``); an entry
-        that is earlier than needed is re-pushed lazily when it comes due, so
-        busy sessions do not push an entry per request.
+        that is earlier than needed is re-scheduled lazily when it comes due, so
+        busy sessions do not add an entry per request.
         """
         deadline = self._effective_deadline(session)
         if session._deadline_seq >= 0 and session._deadline_at <= deadline:
@@ -1162,7 +1174,21 @@ class Supervisor:
         self._seq += 1
         session._deadline_seq = self._seq
         session._deadline_at = deadline
-        heapq.heappush(self._heap, (deadline, self._seq, session))
+        self._push_deadline((deadline, self._seq, session))
+
+    def _push_deadline(self, entry: tuple[float, int, Session]) -> None:
+        key = math.ceil(entry[0] / self._bucket_width)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            self._buckets[key] = [entry]
+            heapq.heappush(self._bucket_keys, key)
+        else:
+            bucket.append(entry)
+
+    @property
+    def scheduled_deadlines(self) -> int:
+        """Entries in the deadline schedule, stale ones included (for tests and tuning)."""
+        return sum(len(bucket) for bucket in self._buckets.values())
 
     # ------------------------------------------------------------------
     # Internals: admission, requests
@@ -1354,7 +1380,8 @@ class Supervisor:
         else:
             del self._per_principal[session.principal]
         session._deadline_seq = -1
-        kind, reason = session.kind.value, _reason(session)
+        kind = session.kind.value
+        reason = session.reason.value if session.reason is not None else "unknown"
         cells = self._metrics.terminated
         cells[(kind, reason)] = cells.get((kind, reason), 0) + 1
         if self.settings.tombstone_retention > 0:
@@ -1389,33 +1416,47 @@ class Supervisor:
             session._background -= 1
 
     async def _scanner(self) -> None:
+        # Tick on the grid of multiples of the interval: see _buckets.
         interval = self.settings.cleanup_interval
         while True:
-            await trio.sleep(interval)
+            await trio.sleep_until((math.floor(trio.current_time() / interval) + 1) * interval)
             self.scan_once()
 
     def scan_once(self) -> int:
         """One cleanup tick: end what is due, purge old tombstones. Returns sessions ended.
 
-        Costs O(entries due), not O(live sessions): it only looks at the top
-        of the deadline heap.
+        Costs O(entries due), not O(live sessions): it opens the buckets whose
+        time has come, all of whose entries are due (a look at the top of a
+        small heap when none has). A tick off the grid (a late wake-up, or a
+        call by hand) also ends what is due in the bucket it falls inside and
+        keeps the rest; amortised, an entry is looked at no more than twice.
         """
         now = trio.current_time()
         self._metrics.cleanup_runs += 1
         self._last_cleanup = self._wall_clock()
-        heap = self._heap
+        keys, buckets, width = self._bucket_keys, self._buckets, self._bucket_width
         ended = 0
-        while heap and heap[0][0] <= now:
-            _, seq, session = heapq.heappop(heap)
-            if seq != session._deadline_seq:
-                continue  # superseded by a later entry
-            session._deadline_seq = -1
-            try:
-                ended += self._expire_if_due(session, now)
-            except Exception:
-                self._metrics.cleanup_errors += 1
-                logger.exception("cleanup failed for session %s", session.id,
-                                 extra={"session_id": session.id})  # fmt: skip
+        not_yet: list[tuple[float, int, Session]] = []
+        while keys and (keys[0] - 1) * width < now:
+            key = heapq.heappop(keys)
+            bucket = buckets.pop(key, ())
+            opened_whole = key * width <= now
+            for entry in bucket:
+                _, seq, session = entry
+                if seq != session._deadline_seq:
+                    continue  # superseded by a later entry
+                if not opened_whole and entry[0] > now:
+                    not_yet.append(entry)
+                    continue
+                session._deadline_seq = -1
+                try:
+                    ended += self._expire_if_due(session, now)
+                except Exception:
+                    self._metrics.cleanup_errors += 1
+                    logger.exception("cleanup failed for session %s", session.id,
+                                     extra={"session_id": session.id})  # fmt: skip
+        for entry in not_yet:  # back into their bucket
+            self._push_deadline(entry)
         fifo = self._tombstone_fifo
         while fifo and fifo[0][0] <= now:
             _, session_id = fifo.popleft()

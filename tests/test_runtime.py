@@ -245,7 +245,7 @@ async def test_scan_tick_only_touches_due_entries(
             pass
     assert sup.scan_once() == 0
     # one heap entry per session, however many requests it saw
-    assert len(sup._heap) == 50
+    assert sup.scheduled_deadlines == 50
 
 
 # -- handles and principals ----------------------------------------------------
