@@ -37,6 +37,7 @@ from mcp_sessions import (
     Supervisor,
     TerminationReason,
 )
+from mcp_sessions._store import MemoryStore
 
 from .strategies import principals
 
@@ -86,14 +87,21 @@ class SupervisorMachine(RuleBasedStateMachine):
         self.sessions: list[Session] = []
         self.requests: list[Request] = []
         self.shutdown_started = False
+        self.store = self.make_store()
         self.supervisor = Supervisor(
-            self.settings, hooks=Hooks(setup=self._setup, teardown=self._teardown)
+            self.settings,
+            hooks=Hooks(setup=self._setup, teardown=self._teardown),
+            store=self.store,
+            wall_clock=lambda: 1_700_000_000.0 + self.clock.current_time(),
         )
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._host, daemon=True)
         self._thread.start()
         self._ready.wait()
+
+    def make_store(self) -> MemoryStore | None:
+        return None
 
     # -- hosting trio ----------------------------------------------------------
 
@@ -336,6 +344,34 @@ class EvictingSupervisorMachine(SupervisorMachine):
     policy = LimitPolicy.EVICT_IDLE
 
 
+class StoredSupervisorMachine(SupervisorMachine):
+    """The same rules and invariants with a durable store under the runtime, plus its own."""
+
+    def make_store(self) -> MemoryStore | None:
+        store = MemoryStore()
+        store.durable = True  # type: ignore[misc]
+        return store
+
+    @invariant()
+    @in_trio
+    def the_store_agrees(self) -> None:
+        assert self.store is not None
+        records = self.store._records
+        for session in self.sessions:
+            record = records.get(session.id)
+            if record is None:  # purged after tombstone_retention
+                assert session.state is S.TERMINATED
+                continue
+            if session.live:
+                assert record.live
+                assert record.version == session.version
+            elif session.state is S.TERMINATED and session.reason is not R.SHUTDOWN:
+                assert not record.live
+                assert record.reason == session.reason.value  # type: ignore[union-attr]
+            elif session.state is S.TERMINATED and session.kind is SessionKind.HANDLE:
+                assert record.live  # kept across a shutdown, to resume
+
+
 _settings = settings(
     max_examples=60,
     stateful_step_count=30,
@@ -346,3 +382,5 @@ TestSupervisorStateMachine = SupervisorMachine.TestCase
 TestSupervisorStateMachine.settings = _settings
 TestEvictingSupervisorStateMachine = EvictingSupervisorMachine.TestCase
 TestEvictingSupervisorStateMachine.settings = _settings
+TestStoredSupervisorStateMachine = StoredSupervisorMachine.TestCase
+TestStoredSupervisorStateMachine.settings = _settings
