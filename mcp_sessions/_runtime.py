@@ -499,6 +499,8 @@ class Supervisor:
         self._by_hash: dict[str, Session] = {}
         self._per_principal: dict[str, int] = {}
         # IDLE sessions in the order they became idle (oldest first), for eviction.
+        # Kept only under LimitPolicy.EVICT_IDLE: nothing else needs them.
+        self._evicting = self.settings.limit_policy is LimitPolicy.EVICT_IDLE
         self._idle_order: dict[Session, None] = {}
         self._idle_by_principal: dict[str, dict[Session, None]] = {}
         # Deadlines, bucketed by scanner tick: bucket k holds the entries
@@ -1074,9 +1076,10 @@ class Supervisor:
         live[previous] -= 1
         if new is not _S.TERMINATED:
             live[new] += 1
-        if previous is _S.IDLE:
+        if previous is _S.IDLE and self._evicting:
             self._leave_idle(session)
-        self._emit(session, previous, event, reason)
+        if self._observer_send is not None:
+            self._emit(session, previous, event, reason)
 
     def _emit(
         self,
@@ -1120,8 +1123,8 @@ class Supervisor:
         if logger.isEnabledFor(level):
             logger.log(level, "session %s terminating: %s", session.id, reason.value,
                        extra={"session_id": session.id})  # fmt: skip
-        current = _current_request.get()
         if session._requests_scopes:
+            current = _current_request.get()
             for scope in session._requests_scopes:
                 if scope is not current:
                     scope.cancel()
@@ -1138,12 +1141,17 @@ class Supervisor:
 
     def _enter_idle(self, session: Session, now: float) -> None:
         session.idle_since = now
+        if self._evicting:
+            self._index_idle(session)
+        self._schedule_deadline(session)
+
+    def _index_idle(self, session: Session) -> None:
+        """Remember the order sessions became idle in, for eviction (oldest first)."""
         self._idle_order[session] = None
         per = self._idle_by_principal.get(session.principal)
         if per is None:
             per = self._idle_by_principal[session.principal] = {}
         per[session] = None
-        self._schedule_deadline(session)
 
     def _leave_idle(self, session: Session) -> None:
         self._idle_order.pop(session, None)
