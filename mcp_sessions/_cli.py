@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="most live sessions per principal (default 100)")  # fmt: skip
     opt("--cleanup-interval", type=float, default=_env("CLEANUP_INTERVAL"),
         help="cleanup scanner tick in seconds (default 1)")  # fmt: skip
+    opt("--touch-interval", type=float, default=_env("TOUCH_INTERVAL"),
+        help="seconds between coalesced activity writes to the store; idle expiry with a "
+             "shared store allows this much grace (default 5)")  # fmt: skip
     opt("--shutdown-grace", type=float, default=_env("SHUTDOWN_GRACE"),
         help="seconds in-flight requests get at shutdown (default 10)")  # fmt: skip
     opt("--max-message-size", type=int, default=_env("MAX_MESSAGE_SIZE"),
@@ -140,6 +143,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "max_sessions_per_principal": (args.max_sessions_per_principal, int),
         "cleanup_interval": (args.cleanup_interval, float),
         "shutdown_grace": (args.shutdown_grace, float),
+        "touch_interval": (args.touch_interval, float),
     }
     data: dict[str, Any] = {}
     problems: list[str] = []

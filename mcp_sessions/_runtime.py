@@ -33,6 +33,7 @@ human-facing timestamps come from the injectable ``wall_clock``.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import copy
 import enum
@@ -44,7 +45,6 @@ import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
 from types import MappingProxyType, TracebackType
 from typing import Any, NamedTuple, TypeVar
 
@@ -53,6 +53,7 @@ import trio
 
 from ._errors import (
     LimitExceeded,
+    SessionError,
     SessionGone,
     SessionNotFound,
     SessionSetupFailed,
@@ -64,6 +65,7 @@ from ._jsonmerge import merge_patch
 from ._metrics import RuntimeMetrics, RuntimeStatistics, render_prometheus
 from ._settings import LimitPolicy, Settings
 from ._state import (
+    TRANSITIONS,
     Event,
     SessionState,
     TerminationReason,
@@ -246,6 +248,7 @@ class Session:
         "_in_flight",
         "_nursery",
         "_parked",
+        "_ready",
         "_requests_scopes",
         "_resumed",
         "_stored",
@@ -307,6 +310,7 @@ class Session:
         self._version = 0
         self._nursery: trio.Nursery | None = None
         self._parked: trio.lowlevel.Task | None = None
+        self._ready: trio.Event | None = None  # set on leaving INITIALIZING, if anyone waits
         self._background = 0  # background tasks running in the nursery
         self._requests_scopes: set[trio.CancelScope] | None = None
         self._deadline_seq = -1
@@ -491,7 +495,13 @@ class Supervisor:
         self._dirty: dict[Session, None] = {}
         self._expiring: list[Session] = []
         self._expiring_wake: trio.Event | None = None
+        self._unready: dict[Session, None] = {}  # "ready" not yet written
         self._store_error: str | None = None
+        # With a durable (so possibly shared) store, idle expiry waits this much
+        # longer than idle_timeout: use in another process may not be written
+        # yet (see _store_due).
+        shared = store is not None and store.durable
+        self._idle_grace = self.settings.touch_interval if shared else 0.0
         self.hooks = hooks or Hooks()
         self._wall_clock = wall_clock
         self._metrics = RuntimeMetrics()
@@ -514,6 +524,7 @@ class Supervisor:
         self._buckets: dict[int, list[tuple[float, int, Session]]] = {}
         self._bucket_keys: list[int] = []
         self._bucket_width = self.settings.cleanup_interval
+        self._deferred: list[tuple[float, int, Session]] | None = None
         self._seq = 0
         self._tombstones: dict[str, Tombstone] = {}
         self._tombstones_by_hash: dict[str, Tombstone] = {}
@@ -669,6 +680,18 @@ class Supervisor:
                     await self.wait_terminated(session)
                 raise
             session._stored = True
+            if not session.live:
+                # Ended while the store recorded it (a shutdown, say). Its handle
+                # was never handed out: end the record too, best effort.
+                with trio.CancelScope(shield=True):
+                    with contextlib.suppress(Exception):
+                        await self._store.terminate(
+                            session.id, session.reason or TerminationReason.ERROR,
+                            self._wall_clock(),
+                        )  # fmt: skip
+                    session._end_persisted = True
+                    await self.wait_terminated(session)
+                raise self._ended_during_creation(session)
         if ready:
             self._ready_local(session)
         else:
@@ -690,10 +713,17 @@ class Supervisor:
         await nursery.start(self._session_task, session, name=f"mcp_sessions.session.{session.id}")
         if session.state is _S.TERMINATING or session.state is _S.TERMINATED:
             await self.wait_terminated(session)
+            raise self._ended_during_creation(session)
+
+    def _ended_during_creation(self, session: Session) -> SessionError:
+        if session.reason is TerminationReason.SHUTDOWN:
+            return ShuttingDown()
+        if session.reason is TerminationReason.ERROR:
             hook = "resume" if session._resumed else "setup"
-            raise SessionSetupFailed(
+            return SessionSetupFailed(
                 f"session {session.id} failed during {hook} and was closed ({_reason(session)})"
             )
+        return gone(session.id, session.reason)
 
     async def open_handle_session(
         self,
@@ -732,15 +762,18 @@ class Supervisor:
         assert self._store is not None
         try:
             await self._store_call(self._store.mark_ready(session.id, self._wall_clock()))
-        except StoreUnavailable as exc:
-            logger.warning("could not record session %s as ready: %s", session.id, exc,
-                           extra={"session_id": session.id})  # fmt: skip
+        except Exception as exc:
+            logger.warning("could not record session %s as ready (will retry): %s", session.id,
+                           exc, extra={"session_id": session.id})  # fmt: skip
+            self._unready[session] = None
+        else:
+            self._unready.pop(session, None)
 
-    def _ready_local(self, session: Session) -> None:
+    def _ready_local(self, session: Session, idle_since: float | None = None) -> None:
         session._check_live()
         self._transition(session, ready_event(session._in_flight))
         if session.state is _S.IDLE:
-            self._enter_idle(session, trio.current_time())
+            self._enter_idle(session, trio.current_time() if idle_since is None else idle_since)
         else:
             self._schedule_deadline(session)
 
@@ -760,22 +793,24 @@ class Supervisor:
         """
         store = self._store
         if store is not None and session.live and session._stored and not session._end_persisted:
+            touch = self._take_touch(session)
             try:
                 ended = await self._store_call(
-                    store.terminate(
-                        session.id, reason, self._wall_clock(), self._touch_for(session)
-                    )
+                    store.terminate(session.id, reason, self._wall_clock(), touch)
                 )
-            except StoreUnavailable:
+            except Exception:
+                self._give_back(session, touch)
                 if reason is TerminationReason.CLOSED:
                     raise
                 logger.warning("store unavailable; ending session %s locally only", session.id,
                                extra={"session_id": session.id})  # fmt: skip
             else:
                 session._end_persisted = True
-                if ended is not None:
-                    reason = ended  # it may have ended elsewhere first: that reason stands
-        self._terminate(session, reason)
+                if ended is not None and ended is not reason and session.live:
+                    # It had already ended elsewhere: that end stands.
+                    self._end_from_store(session, ended)
+        if session.live:
+            self._terminate(session, reason)
         await self.wait_terminated(session)
 
     def terminate(self, session: Session, reason: TerminationReason) -> bool:
@@ -831,32 +866,73 @@ class Supervisor:
         store = self._store
         if store is None:
             return self._resolve_local(digest, principal)
+        local = self._by_hash.get(digest)
+        if local is not None and local.live and local in self._dirty:
+            await self._flush_one(local)  # so the store's idle check sees our latest use
         record = await self._store_call(store.load_by_hash(digest))
         if record is None or record.principal != principal or record.kind != "handle":
             return self._resolve_local(digest, principal)
-        local = self._by_hash.get(digest)
         if record.live:
-            due = record.due(self._wall_clock())
+            due, cutoff = self._store_due(record)
             if due is not None:
-                ended = await self._store_call(store.expire(record.id, self._wall_clock()))
+                await self._store_call(store.expire(record.id, cutoff))
                 record = await self._store_call(store.load(record.id)) or record
-                if ended is None and record.live:
-                    due = None  # touched elsewhere in the meantime: still live
+        local = self._by_hash.get(digest)  # may have changed while we awaited
         if not record.live:
             reason = record.termination_reason
             if local is not None and local.live:
                 local._end_persisted = True
-                self._terminate(local, reason or TerminationReason.CLOSED)
+                self._end_from_store(local, reason)
             self._bump_validation("gone")
             raise gone(record.id, reason)
-        local = self._by_hash.get(digest)  # may have appeared while we awaited
-        if local is not None and local.live:
+        if local is not None and not local.live:
+            # Ending here, and the store does not know yet: that end stands.
+            self._bump_validation("gone")
+            raise gone(local.id, local.reason)
+        tomb = self._tombstones_by_hash.get(digest)
+        if local is None and tomb is not None and tomb.reason is not TerminationReason.SHUTDOWN:
+            # It ended here while the store could not be told; tell it now.
+            reason = tomb.reason or TerminationReason.CLOSED
+            ended = await self._store_call(store.terminate(tomb.id, reason, self._wall_clock()))
+            self._bump_validation("gone")
+            raise gone(tomb.id, ended or reason)
+        if local is None:
+            local = await self._adopt(record)
+        else:
             self._refresh_from_record(local, record)
-            self._bump_validation("ok")
-            return local
-        session = await self._adopt(record)
+        if local.state is _S.INITIALIZING:
+            await self._wait_ready(local)  # another call is bringing it in: let it finish
+        if not local.live:
+            self._bump_validation("gone")
+            raise gone(local.id, local.reason)
         self._bump_validation("ok")
-        return session
+        return local
+
+    def _store_due(self, record: SessionRecord) -> tuple[TerminationReason | None, float]:
+        """Whether a stored session is due, and the cutoff to ask the store to expire it at.
+
+        Idle expiry allows ``touch_interval`` of grace: another process may have
+        used the session within its last touch interval without writing it yet.
+        """
+        now = self._wall_clock()
+        due = record.due(now)
+        if due is TerminationReason.IDLE_TIMEOUT:
+            cutoff = now - self._idle_grace
+            return record.due(cutoff), cutoff
+        return due, now
+
+    def _end_from_store(self, session: Session, reason: TerminationReason | None) -> None:
+        """End a local session the store says has ended, whatever state it is in here."""
+        reason = reason or TerminationReason.CLOSED
+        if termination_event(reason) not in TRANSITIONS[session.state]:
+            reason = TerminationReason.CLOSED  # e.g. idle_timeout while still INITIALIZING
+        if self._terminate(session, reason) and reason in _EXPIRY_REASONS:
+            self._metrics.expired += 1
+
+    async def _wait_ready(self, session: Session) -> None:
+        while session.state is _S.INITIALIZING:
+            session._ready = session._ready or trio.Event()
+            await session._ready.wait()
 
     def _resolve_local(self, digest: str, principal: str) -> Session:
         session = self._by_hash.get(digest)
@@ -903,17 +979,19 @@ class Supervisor:
             lifetime=record.expires_at - now_wall,
         )
         session.created_time = now - max(0.0, now_wall - record.created_at)
+        session.last_active_time = now - max(0.0, now_wall - record.last_active)
         session._resumed = session._stored = True
         self._refresh_from_record(session, record)
         await self._start_session(session)
-        self._ready_local(session)
+        # Its idle clock runs from its last activity anywhere, not from now.
+        self._ready_local(session, idle_since=session.last_active_time)
         logger.info("session %s resumed from the store", session.id,
                     extra={"session_id": session.id})  # fmt: skip
         return session
 
     def _refresh_from_record(self, session: Session, record: SessionRecord) -> None:
         """Take in what other processes did: state document, activity, counters."""
-        if record.version != session._version:
+        if record.version > session._version:  # never backwards: ours may be newer
             session._doc = dict(record.doc)
             session._version = record.version
         now, now_wall = trio.current_time(), self._wall_clock()
@@ -922,11 +1000,10 @@ class Supervisor:
             session.last_active_time = stored_active
             if session.state is _S.IDLE:
                 session.idle_since = max(session.idle_since, stored_active)
-        unflushed_requests = session.requests - session._flushed_requests
-        unflushed_errors = session.errors - session._flushed_errors
-        session._flushed_requests, session._flushed_errors = record.requests, record.errors
-        session.requests = record.requests + unflushed_requests
-        session.errors = record.errors + unflushed_errors
+        if session._resumed and session._in_flight == 0 and session.requests == 0:
+            # Brought in just now: start from the stored counters.
+            session.requests = session._flushed_requests = record.requests
+            session.errors = session._flushed_errors = record.errors
 
     async def patch_state(
         self, session: Session, patch: Mapping[str, Any], *, if_version: int | None = None
@@ -1011,15 +1088,32 @@ class Supervisor:
             errors=session.errors,
         )
 
-    def _touch_for(self, session: Session) -> Touch:
+    def _take_touch(self, session: Session) -> Touch:
+        """The session's unwritten activity, counted as written from now on.
+
+        Taking it moves the baseline at once, so two writers in flight (the
+        flusher and a close, say) never send the same increments twice; a
+        writer that fails gives its touch back with :meth:`_give_back`.
+        """
+        self._dirty.pop(session, None)
         active = session._in_flight > 0
         last = trio.current_time() if active else session.last_active_time
-        return Touch(
+        touch = Touch(
             session.id,
             self._wall_at(last),
             session.requests - session._flushed_requests,
             session.errors - session._flushed_errors,
         )
+        session._flushed_requests = session.requests
+        session._flushed_errors = session.errors
+        return touch
+
+    def _give_back(self, session: Session, touch: Touch) -> None:
+        """A touch that could not be written: count it as unwritten again."""
+        session._flushed_requests -= touch.requests
+        session._flushed_errors -= touch.errors
+        if session.live:
+            self._dirty[session] = None
 
     def sessions(self, principal: str | None = None) -> list[SessionSnapshot]:
         """Snapshots of the live sessions (of one principal, if given), oldest first."""
@@ -1078,6 +1172,8 @@ class Supervisor:
             live[new] += 1
         if previous is _S.IDLE and self._evicting:
             self._leave_idle(session)
+        elif previous is _S.INITIALIZING and session._ready is not None:
+            session._ready.set()
         if self._observer_send is not None:
             self._emit(session, previous, event, reason)
 
@@ -1163,10 +1259,10 @@ class Supervisor:
 
     # -- deadlines ----------------------------------------------------------
 
-    @staticmethod
-    def _effective_deadline(session: Session) -> float:
+    def _effective_deadline(self, session: Session) -> float:
         if session.state is _S.IDLE:
-            return min(session.idle_since + session.idle_timeout, session.deadline)
+            idle_end = session.idle_since + session.idle_timeout + self._idle_grace
+            return min(idle_end, session.deadline)
         return session.deadline
 
     def _schedule_deadline(self, session: Session) -> None:
@@ -1185,6 +1281,9 @@ class Supervisor:
         self._push_deadline((deadline, self._seq, session))
 
     def _push_deadline(self, entry: tuple[float, int, Session]) -> None:
+        if self._deferred is not None:  # a scan is running: it adds these when done
+            self._deferred.append(entry)
+            return
         key = math.ceil(entry[0] / self._bucket_width)
         bucket = self._buckets.get(key)
         if bucket is None:
@@ -1281,6 +1380,7 @@ class Supervisor:
         self, session: Session, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Hold the session's nursery from creation until it is TERMINATED."""
+        started = False
         try:
             async with trio.open_nursery() as nursery:
                 session._nursery = nursery
@@ -1289,12 +1389,17 @@ class Supervisor:
                     nursery.cancel_scope.cancel()
                 elif hook is not None:
                     await self._run_setup(session, hook, "resume" if session._resumed else "setup")
+                started = True
                 task_status.started()
                 if session.state in _LIVE_STATES:
                     await _park(session)
                 if session._background:
                     nursery.cancel_scope.cancel()
         finally:
+            if not started:
+                # Ended (or cancelled) while its setup ran: the creator still hears
+                # back, and sees the session ending.
+                task_status.started()
             # Cancelled from outside (the supervisor itself is being cancelled)
             # rather than terminated: end it as a shutdown.
             self._terminate(session, TerminationReason.SHUTDOWN)
@@ -1332,6 +1437,7 @@ class Supervisor:
         store = self._store
         assert store is not None
         reason = session.reason or TerminationReason.ERROR
+        touch = self._take_touch(session)
         with trio.move_on_after(self.settings.teardown_timeout):
             try:
                 if (
@@ -1339,15 +1445,13 @@ class Supervisor:
                     and session.kind is SessionKind.HANDLE
                     and store.durable
                 ):
-                    await self._store_call(store.touch([self._touch_for(session)]))
+                    await self._store_call(store.touch([touch]))
                 else:
-                    touch = self._touch_for(session)
                     await self._store_call(
                         store.terminate(session.id, reason, self._wall_clock(), touch)
                     )
                 session._end_persisted = True
-                self._dirty.pop(session, None)
-            except StoreUnavailable as exc:
+            except Exception as exc:  # never keep the session from finishing
                 logger.warning("could not record the end of session %s: %s", session.id, exc,
                                extra={"session_id": session.id})  # fmt: skip
 
@@ -1379,9 +1483,10 @@ class Supervisor:
             session._done.set()
 
     def _unregister(self, session: Session) -> None:
-        del self._sessions[session.id]
-        if session.handle_hash is not None:
-            self._by_hash.pop(session.handle_hash, None)
+        if self._sessions.get(session.id) is session:
+            del self._sessions[session.id]
+        if session.handle_hash is not None and self._by_hash.get(session.handle_hash) is session:
+            del self._by_hash[session.handle_hash]
         remaining = self._per_principal[session.principal] - 1
         if remaining:
             self._per_principal[session.principal] = remaining
@@ -1427,7 +1532,11 @@ class Supervisor:
         # Tick on the grid of multiples of the interval: see _buckets.
         interval = self.settings.cleanup_interval
         while True:
-            await trio.sleep_until((math.floor(trio.current_time() / interval) + 1) * interval)
+            now = trio.current_time()
+            tick = (math.floor(now / interval) + 1) * interval
+            if tick <= now:  # float rounding: never wake up at the same instant again
+                tick = (math.floor(now / interval) + 2) * interval
+            await trio.sleep_until(tick)
             self.scan_once()
 
     def scan_once(self) -> int:
@@ -1444,27 +1553,30 @@ class Supervisor:
         self._last_cleanup = self._wall_clock()
         keys, buckets, width = self._bucket_keys, self._buckets, self._bucket_width
         ended = 0
-        not_yet: list[tuple[float, int, Session]] = []
-        while keys and (keys[0] - 1) * width < now:
-            key = heapq.heappop(keys)
-            bucket = buckets.pop(key, ())
-            opened_whole = key * width <= now
-            for entry in bucket:
-                _, seq, session = entry
-                if seq != session._deadline_seq:
-                    continue  # superseded by a later entry
-                if not opened_whole and entry[0] > now:
-                    not_yet.append(entry)
-                    continue
-                session._deadline_seq = -1
-                try:
-                    ended += self._expire_if_due(session, now)
-                except Exception:
-                    self._metrics.cleanup_errors += 1
-                    logger.exception("cleanup failed for session %s", session.id,
-                                     extra={"session_id": session.id})  # fmt: skip
-        for entry in not_yet:  # back into their bucket
-            self._push_deadline(entry)
+        # Entries scheduled while we scan (not due yet, or not due after all)
+        # wait until the scan is over: float rounding can put one back into a
+        # bucket this very loop would open again.
+        deferred = self._deferred = []
+        try:
+            while keys and (keys[0] - 1) * width < now:
+                for entry in buckets.pop(heapq.heappop(keys), ()):
+                    _, seq, session = entry
+                    if seq != session._deadline_seq:
+                        continue  # superseded by a later entry
+                    if entry[0] > now:
+                        deferred.append(entry)  # its bucket has begun; it is not due yet
+                        continue
+                    session._deadline_seq = -1
+                    try:
+                        ended += self._expire_if_due(session, now)
+                    except Exception:
+                        self._metrics.cleanup_errors += 1
+                        logger.exception("cleanup failed for session %s", session.id,
+                                         extra={"session_id": session.id})  # fmt: skip
+        finally:
+            self._deferred = None
+            for entry in deferred:
+                self._push_deadline(entry)
         fifo = self._tombstone_fifo
         while fifo and fifo[0][0] <= now:
             _, session_id = fifo.popleft()
@@ -1478,7 +1590,10 @@ class Supervisor:
             return 0
         if session.deadline <= now:
             reason = TerminationReason.LIFETIME_EXCEEDED
-        elif session.state is _S.IDLE and session.idle_since + session.idle_timeout <= now:
+        elif (
+            session.state is _S.IDLE
+            and session.idle_since + session.idle_timeout + self._idle_grace <= now
+        ):
             reason = TerminationReason.IDLE_TIMEOUT
         else:
             self._schedule_deadline(session)  # not yet: the entry was early
@@ -1499,29 +1614,45 @@ class Supervisor:
         """Write the coalesced activity of every dirty session in one batch."""
         store = self._store
         assert store is not None
-        dirty, self._dirty = self._dirty, {}
-        sessions = [s for s in dirty if s._stored and not s._end_persisted]
+        sessions = [s for s in self._dirty if s._stored and not s._end_persisted]
+        self._dirty.clear()
         if not sessions:
             return
-        touches = [self._touch_for(s) for s in sessions]
+        touches = [self._take_touch(s) for s in sessions]
         try:
             await self._store_call(store.touch(touches))
-        except StoreUnavailable as exc:
+        except Exception as exc:
             logger.warning("could not write session activity: %s", exc)
-            for s in sessions:  # try again next time
-                self._dirty[s] = None
+            for s, t in zip(sessions, touches, strict=True):  # try again next time
+                self._give_back(s, t)
             return
-        for s, t in zip(sessions, touches, strict=True):
-            s._flushed_requests += t.requests
-            s._flushed_errors += t.errors
-            if s._in_flight:  # a long request keeps its session fresh in the store
+        for s in sessions:
+            if s._in_flight and s.live:  # a long request keeps its session fresh in the store
                 self._dirty[s] = None
+
+    async def _flush_one(self, session: Session) -> None:
+        """Write one session's unwritten activity now (best effort)."""
+        store = self._store
+        assert store is not None
+        touch = self._take_touch(session)
+        try:
+            await self._store_call(store.touch([touch]))
+        except Exception as exc:
+            logger.warning("could not write activity of session %s: %s", session.id, exc,
+                           extra={"session_id": session.id})  # fmt: skip
+            self._give_back(session, touch)
 
     async def _flusher(self) -> None:
         while True:
             await trio.sleep(self.settings.touch_interval)
             if self._dirty:
                 await self._flush_touches()
+            if self._unready:  # connection sessions whose "ready" could not be written
+                for session in list(self._unready):
+                    if session.live:
+                        await self._persist_ready(session)
+                    else:
+                        self._unready.pop(session, None)
 
     async def _reconciler(self) -> None:
         """Confirm expiries with the store, which knows about use in other processes."""
@@ -1536,20 +1667,21 @@ class Supervisor:
             for session in batch:
                 if session.live:
                     await self._reconcile_expiry(session, store)
+                    if session.live and session._deadline_seq < 0:
+                        self._schedule_deadline(session)  # never left unscheduled
 
     async def _reconcile_expiry(self, session: Session, store: SessionStore) -> None:
-        local = (
-            TerminationReason.LIFETIME_EXCEEDED
-            if session.deadline <= trio.current_time()
-            else TerminationReason.IDLE_TIMEOUT
-        )
+        """End a session the scanner found due, if the store agrees (it may be in use elsewhere)."""
+        local = self._local_due(session)
+        if local is None:
+            return
+        cutoff = self._wall_clock()
+        if local is TerminationReason.IDLE_TIMEOUT:
+            cutoff -= self._idle_grace
         try:
             if session in self._dirty:
-                self._dirty.pop(session)
-                await self._store_call(store.touch([self._touch_for(session)]))
-                session._flushed_requests = session.requests
-                session._flushed_errors = session.errors
-            reason = await self._store_call(store.expire(session.id, self._wall_clock()))
+                await self._flush_one(session)
+            reason = await self._store_call(store.expire(session.id, cutoff))
             if reason is None:
                 record = await self._store_call(store.load(session.id))
                 if record is not None and record.live:
@@ -1559,16 +1691,31 @@ class Supervisor:
                     return
                 reason = record.termination_reason if record is not None else local
             session._end_persisted = True
-        except StoreUnavailable:
-            # End it here; the store still has it live and ends it when it can.
-            reason = local
-        except Exception:
-            self._metrics.cleanup_errors += 1
-            logger.exception("cleanup failed for session %s", session.id,
-                             extra={"session_id": session.id})  # fmt: skip
-            reason = local
-        if session.live and self._terminate(session, reason or local):
-            self._metrics.expired += 1
+        except Exception as exc:
+            if not isinstance(exc, StoreUnavailable):
+                self._metrics.cleanup_errors += 1
+                logger.exception("cleanup failed for session %s", session.id,
+                                 extra={"session_id": session.id})  # fmt: skip
+            # The store could not confirm. If it is still due here (no request
+            # came in while we waited), end it here; the store still has it live
+            # and the sweep ends it there when it can.
+            reason = self._local_due(session)
+            if reason is None:
+                self._schedule_deadline(session)
+                return
+        if session.live:
+            self._end_from_store(session, reason or local)
+
+    def _local_due(self, session: Session) -> TerminationReason | None:
+        if not session.live:
+            return None
+        now = trio.current_time()
+        if session.deadline <= now:
+            return TerminationReason.LIFETIME_EXCEEDED
+        idle_end = session.idle_since + session.idle_timeout + self._idle_grace
+        if session.state is _S.IDLE and idle_end <= now:
+            return TerminationReason.IDLE_TIMEOUT
+        return None
 
     async def _sweeper(self) -> None:
         """End stored sessions whose deadline passed (opened anywhere); purge old records."""
@@ -1576,15 +1723,16 @@ class Supervisor:
         assert store is not None
         while True:
             await trio.sleep(self.settings.sweep_interval)
-            now = self._wall_clock()
             try:
-                ended = await self._store_call(store.sweep(now))
+                if self._dirty:
+                    await self._flush_touches()  # our own recent use first
+                now = self._wall_clock()
+                ended = await self._store_call(store.sweep(now - self._idle_grace))
                 for session_id, reason in ended:
                     session = self._sessions.get(session_id)
                     if session is not None and session.live:
                         session._end_persisted = True
-                        self._terminate(session, reason)
-                        self._metrics.expired += 1
+                        self._end_from_store(session, reason)
                 await self._store_call(store.purge(now - self.settings.tombstone_retention))
             except Exception as exc:
                 self._metrics.cleanup_errors += 1
@@ -1635,7 +1783,7 @@ def _new_session_id() -> str:
     return "s_" + secrets.token_hex(8)
 
 
-@asynccontextmanager
+@contextlib.asynccontextmanager
 async def open_supervisor(
     settings: Settings | None = None,
     *,
@@ -1661,7 +1809,7 @@ async def open_supervisor(
                     await supervisor.shutdown()
 
 
-@contextmanager
+@contextlib.contextmanager
 def _unwrap_single_group() -> Iterator[None]:
     try:
         yield

@@ -53,6 +53,7 @@ from ._errors import (
     SessionNotFound,
     SessionRequired,
     VersionConflict,
+    gone,
 )
 from ._runtime import (
     ClientInfo,
@@ -491,7 +492,12 @@ async def session_close(
 ) -> CallToolResult:
     """Close a session: cancel its work and forget its handle."""
     ctx = current_session()
-    await ctx.supervisor.close(ctx.session, TerminationReason.CLOSED)
+    try:
+        await ctx.supervisor.close(ctx.session, TerminationReason.CLOSED)
+    except SessionError as exc:  # store_unavailable: the session stays open
+        return _error(exc)
+    if ctx.session.reason is not TerminationReason.CLOSED:
+        return _error(gone(ctx.session.id, ctx.session.reason))  # it had ended otherwise
     return _ok({"id": ctx.session.id, "state": "terminated", "reason": "closed"})
 
 

@@ -85,10 +85,11 @@ async def test_handle_session_resumes_after_a_restart(sqlite_url: str) -> None:
 
 
 async def test_session_idle_past_its_timeout_across_a_restart_is_expired(sqlite_url: str) -> None:
-    async with connect(sqlite_url, "auto") as first:
+    fast = ("--touch-interval", "0.2")  # idle expiry allows one touch interval of grace
+    async with connect(sqlite_url, "auto", *fast) as first:
         handle = ok(await first.call_tool("session_open", {"idle_timeout_s": 0.5}))["session"]
     await trio.sleep(1.0)  # real time: the server is not running, nothing to mock
-    async with connect(sqlite_url, "auto") as second:
+    async with connect(sqlite_url, "auto", *fast) as second:
         result = await second.call_tool("session_info", {"session": handle})
         assert error_code(result) == "session_expired"
 

@@ -704,3 +704,49 @@ async def test_metrics_add_up_and_render_as_prometheus(
     assert c.state is S.INITIALIZING
     with pytest.raises(AttributeError):
         stats.requests = 5  # type: ignore[misc]
+
+
+# -- float edges of the tick grid (found in review) ------------------------------------
+
+
+async def test_deadline_a_rounding_error_past_a_tick_does_not_hang_the_scan(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    settings = Settings(cleanup_interval=0.1, idle_timeout=0.3)
+    async with open_supervisor(settings) as sup:
+        session = await sup.create_session(principal="a")
+        async with sup.request(session):
+            await trio.sleep_until(6 * 0.1)  # 0.6000000000000001: idle deadline 1 ulp past 0.9
+        with trio.fail_after(5):
+            await trio.sleep(1)
+        assert session.reason is R.IDLE_TIMEOUT
+
+
+async def test_scanner_ticks_move_forward_on_an_awkward_interval(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_supervisor(Settings(cleanup_interval=0.7)) as sup:
+        await trio.sleep(5)  # fl(3 * 0.7) == 2.0999999999999996 once made the next tick "now"
+        assert 6 <= sup.statistics().cleanup_runs <= 8
+
+
+async def test_session_ended_during_setup_is_reported_not_a_runtime_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    started: list[Session] = []
+
+    async def setup(session: Session) -> None:
+        started.append(session)
+        await trio.sleep(5)
+
+    async with open_supervisor(hooks=Hooks(setup=setup)) as sup:
+
+        async def close_it_soon() -> None:
+            await trio.sleep(1)
+            sup.terminate(started[0], R.CLOSED)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(close_it_soon)
+            with pytest.raises(SessionClosed):
+                await sup.create_session(principal="a")
+        assert sup.live_count == 0

@@ -300,7 +300,8 @@ class SupervisorMachine(RuleBasedStateMachine):
         interval = self.settings.cleanup_interval
         for session in self.sessions:
             if session.state is S.IDLE:
-                assert session.idle_since + session.idle_timeout > now - interval
+                grace = self.supervisor._idle_grace  # a store's allowance for unwritten use
+                assert session.idle_since + session.idle_timeout + grace > now - interval
             if session.live:
                 assert session.deadline > now - interval
 

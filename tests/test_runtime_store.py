@@ -239,8 +239,9 @@ async def test_restart_resumes_handle_sessions_with_their_state(
         assert again.state_document() == {"notes": ["a"]}
         assert again.snapshot().requests == 1
         assert resumed == [session.id]
-        # its idle clock counts from the last activity before the restart
-        await trio.sleep(31)
+        # its idle clock counts from the last activity before the restart (plus
+        # the touch interval of grace a shared store gives idle expiry)
+        await trio.sleep(31 + SETTINGS.touch_interval)
         assert again.reason is R.IDLE_TIMEOUT
 
 
@@ -329,3 +330,192 @@ async def test_list_records_shows_every_process_sessions(
         two, _ = await b.open_handle_session(principal="alice")
         await b.open_handle_session(principal="bob")
         assert [r.id for r in await a.list_records("alice")] == [one.id, two.id]
+
+
+# -- races and lags around the store (found in review) --------------------------------
+
+
+class SlowStore(DurableMemoryStore):
+    """Store round trips that take time, to open the windows between an await and its answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delay: dict[str, float] = {}
+
+    async def _slow(self, op: str) -> None:
+        if op in self.delay:
+            await trio.sleep(self.delay[op])
+
+    async def touch(self, touches: Sequence[Touch]) -> None:
+        await self._slow("touch")
+        await super().touch(touches)
+
+    async def terminate(self, *args: Any, **kwargs: Any) -> Any:
+        await self._slow("terminate")
+        return await super().terminate(*args, **kwargs)
+
+    async def load_by_hash(self, handle_hash: str) -> Any:
+        result = await super().load_by_hash(handle_hash)
+        await self._slow("load_by_hash")  # the answer arrives late
+        return result
+
+    async def expire(self, *args: Any, **kwargs: Any) -> Any:
+        if self.down:
+            await trio.sleep(2)  # failing takes a while (a lock or connection timeout)
+        return await super().expire(*args, **kwargs)
+
+
+async def test_own_unwritten_use_keeps_a_session_from_expiring_at_resolve(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with process(SlowStore()) as sup:
+        await trio.sleep(2)
+        session, handle = await sup.open_handle_session(principal="alice")
+        await trio.sleep(59)
+        async with sup.request(session):  # used at t=61; the next touch is at t=65
+            pass
+        await trio.sleep(1)
+        assert await sup.resolve_handle(handle, "alice") is session
+
+
+async def test_sweep_does_not_end_a_session_just_used_here(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    settings = Settings(idle_timeout=60, touch_interval=5, sweep_interval=7, max_lifetime=3600)
+    async with process(SlowStore(), settings) as sup:
+        await trio.sleep(31)
+        session, _ = await sup.open_handle_session(principal="alice")
+        await trio.sleep(59.5)
+        async with sup.request(session):  # at t=90.5; a sweep runs at t=91
+            pass
+        await trio.sleep(1)
+        assert session.state is S.IDLE
+
+
+async def test_a_close_during_a_touch_counts_each_request_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = SlowStore()
+    store.delay.update(touch=1.0, terminate=1.0)
+    async with process(store) as sup:
+        session, _ = await sup.open_handle_session(principal="alice")
+        for _ in range(10):
+            async with sup.request(session):
+                pass
+        await trio.sleep(5.5)  # the flusher's touch is in flight until t=6
+        await sup.close(session)
+        record = await store.load(session.id)
+        assert record is not None
+        assert record.requests == 10
+
+
+async def test_resolving_a_session_that_is_ending_does_not_bring_it_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = SlowStore()
+    store.delay["terminate"] = 1.0
+
+    async def boom() -> None:
+        raise RuntimeError("background failure")
+
+    async with process(store) as sup:
+        session, handle = await sup.open_handle_session(principal="alice")
+        session.start_soon(boom)
+        await trio.sleep(0.5)  # ending; the store does not know yet
+        assert session.state is S.TERMINATING
+        with pytest.raises(SessionClosed):
+            await sup.resolve_handle(handle, "alice")
+        await trio.sleep(2)
+        assert session.state is S.TERMINATED
+        assert sup.live_count == 0
+        record = await store.load(session.id)
+        assert record is not None
+        assert record.reason == "error"
+
+
+async def test_a_late_read_never_rolls_back_a_committed_patch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = SlowStore()
+    async with process(store) as sup:
+        session, handle = await sup.open_handle_session(principal="alice")
+        store.delay["load_by_hash"] = 1.0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sup.resolve_handle, handle, "alice")
+            await trio.sleep(0.1)
+            assert await session.patch_state({"x": 1}) == 1
+        assert (session.version, session.state_document()) == (1, {"x": 1})
+
+
+async def test_resolve_while_resuming_past_the_deadline_is_expired(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from mcp_sessions import SessionError
+
+    store = SlowStore()
+    async with process(store) as first:
+        _, handle = await first.open_handle_session(principal="alice")
+    await trio.sleep(58)  # idle deadline (with the store's grace): t=65
+
+    async def resume(session: Session) -> None:
+        await trio.sleep(9)  # still resuming when the deadline passes
+
+    outcomes: list[str] = []
+
+    async def first_use(sup: Supervisor) -> None:
+        try:
+            await sup.resolve_handle(handle, "alice")
+            outcomes.append("ok")
+        except SessionError as exc:
+            outcomes.append(exc.code)
+
+    async with process(store, hooks=Hooks(resume=resume)) as second, trio.open_nursery() as n:
+        n.start_soon(first_use, second)
+        await trio.sleep(7.5)
+        with pytest.raises(SessionExpired):
+            await second.resolve_handle(handle, "alice")
+    assert outcomes in (["session_closed"], ["session_expired"])
+
+
+async def test_store_outage_while_expiring_spares_a_session_now_in_use(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = SlowStore()
+    async with process(store) as sup:
+        session, _ = await sup.open_handle_session(principal="alice")
+        await trio.sleep(SETTINGS.idle_timeout + SETTINGS.touch_interval - 0.1)
+        store.down = True
+        await trio.sleep(0.2)  # due: the reconciler is waiting on the failing store
+        async with sup.request(session):  # admitted meanwhile
+            await trio.sleep(5)
+        assert session.live
+
+
+async def test_session_created_during_shutdown_is_refused_and_not_left_live(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from mcp_sessions import SessionKind, ShuttingDown
+
+    store = SlowStore()
+
+    class SlowCreate(SlowStore):
+        async def create(self, record: Any) -> None:
+            await trio.sleep(1)
+            await super().create(record)
+
+    store = SlowCreate()
+    outcome: dict[str, Any] = {}
+    async with process(store) as sup:
+
+        async def make() -> None:
+            try:
+                await sup.create_session(kind=SessionKind.CONNECTION, principal="a", ready=False)
+            except ShuttingDown as exc:
+                outcome["error"] = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(make)
+            await trio.sleep(0.5)
+            await sup.shutdown(grace=0)
+    assert isinstance(outcome.get("error"), ShuttingDown)
+    assert all(not r.live for r in store._records.values())
