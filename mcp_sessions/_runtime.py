@@ -1400,9 +1400,10 @@ class Supervisor:
                 # Ended (or cancelled) while its setup ran: the creator still hears
                 # back, and sees the session ending.
                 task_status.started()
-            # Cancelled from outside (the supervisor itself is being cancelled)
-            # rather than terminated: end it as a shutdown.
-            self._terminate(session, TerminationReason.SHUTDOWN)
+            if session.state in _LIVE_STATES:
+                # Cancelled from outside (the supervisor itself is being
+                # cancelled) rather than terminated: end it as a shutdown.
+                self._terminate(session, TerminationReason.SHUTDOWN)
             if self._store is not None and session._stored and not session._end_persisted:
                 with trio.CancelScope(shield=True):
                     await self._persist_end(session)
@@ -1498,13 +1499,13 @@ class Supervisor:
         cells = self._metrics.terminated
         cells[(kind, reason)] = cells.get((kind, reason), 0) + 1
         if self.settings.tombstone_retention > 0:
-            tomb = Tombstone(
-                id=session.id,
-                kind=session.kind,
-                principal=session.principal,
-                reason=session.reason,
-                terminated_at=self._wall_clock(),
-                handle_hash=session.handle_hash,
+            tomb = Tombstone(  # positional: one is made per ended session
+                session.id,
+                session.kind,
+                session.principal,
+                session.reason,
+                self._wall_clock(),
+                session.handle_hash,
             )
             self._tombstones[tomb.id] = tomb
             if tomb.handle_hash is not None:
