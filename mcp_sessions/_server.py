@@ -35,6 +35,7 @@ import getpass
 import json
 import logging
 import os
+import signal
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any
 
@@ -141,8 +142,15 @@ class SessionContext:
         return self.session.version
 
     async def patch(self, patch: Mapping[str, Any], *, if_version: int | None = None) -> int:
-        """Apply an RFC 7386 merge patch to the state (committed); return the new version."""
-        return await self.session.patch_state(patch, if_version=if_version)
+        """Apply an RFC 7386 merge patch to the state (committed); return the new version.
+
+        Raises the session errors (``version_conflict``, ``store_unavailable``,
+        ...); left uncaught in a tool, they become that tool error, code and all.
+        """
+        try:
+            return await self.session.patch_state(patch, if_version=if_version)
+        except SessionError as exc:
+            raise _note(exc) from None
 
     def start_soon(
         self, fn: Callable[..., Awaitable[object]], *args: object, name: str | None = None
@@ -154,6 +162,37 @@ class SessionContext:
 _current: contextvars.ContextVar[SessionContext | None] = contextvars.ContextVar(
     "mcp_sessions_current", default=None
 )
+# Session errors raised inside a tool's body through our helpers. The SDK turns
+# any exception from a tool into a generic tool error; the layer puts the code back.
+_raised: contextvars.ContextVar[list[SessionError] | None] = contextvars.ContextVar(
+    "mcp_sessions_raised", default=None
+)
+
+
+def _note(exc: SessionError) -> SessionError:
+    holder = _raised.get()
+    if holder is not None:
+        holder.append(exc)
+    return exc
+
+
+def _with_code(result: HandlerResult, raised: list[SessionError]) -> HandlerResult:
+    """A generic tool error caused by one of our errors becomes that error, with its code."""
+    if raised and _is_tool_error(result) and not _structured(result):
+        return _error(raised[-1])
+    return result
+
+
+def _is_tool_error(result: HandlerResult) -> bool:
+    if isinstance(result, dict):
+        return bool(result.get("isError"))
+    return bool(getattr(result, "is_error", False))
+
+
+def _structured(result: HandlerResult) -> object:
+    if isinstance(result, dict):
+        return result.get("structuredContent")
+    return getattr(result, "structured_content", None)
 
 
 @attrs.define
@@ -189,7 +228,7 @@ def current_session() -> SessionContext:
     """
     ctx = _current.get()
     if ctx is None:
-        raise SessionRequired()
+        raise _note(SessionRequired())
     return ctx
 
 
@@ -303,8 +342,23 @@ class SessionLayer:
             session = await self._target(params.get("name"), arguments, connection, modern)
         except SessionError as exc:
             return _error(exc)
-        if session is None:
-            return await call_next(ctx)
+        raised: list[SessionError] = []  # what the tool's body raised, via our helpers
+        holder_token = _raised.set(raised)
+        try:
+            if session is None:
+                return _with_code(await call_next(ctx), raised)
+            return await self._call_in_session(ctx, call_next, session, raised)
+        finally:
+            _raised.reset(holder_token)
+
+    async def _call_in_session(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        call_next: CallNext,
+        session: Session,
+        raised: list[SessionError],
+    ) -> HandlerResult:
+        params = ctx.params or {}
         sid_token = _log_session_id.set(session.id)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("tool call %r", params.get("name"))
@@ -312,10 +366,10 @@ class SessionLayer:
             async with self.supervisor.request(session) as scope:
                 token = _current.set(SessionContext(session, self.supervisor))
                 try:
-                    result = await call_next(ctx)
+                    result = _with_code(await call_next(ctx), raised)
                 finally:
                     _current.reset(token)
-                if isinstance(result, dict) and result.get("isError"):
+                if _is_tool_error(result):
                     scope.mark_failed()
             return result
         except SessionError as exc:  # refused on entry, or ended while running
@@ -355,9 +409,15 @@ class SessionLayer:
             protocol_version=_str_or_none(params.get("protocolVersion")),
             capabilities=caps if isinstance(caps, dict) else {},
         )
-        connection.session = await self.supervisor.create_session(
-            kind=SessionKind.CONNECTION, principal=self.principal, client=client, ready=False
-        )
+        try:
+            connection.session = await self.supervisor.create_session(
+                kind=SessionKind.CONNECTION, principal=self.principal, client=client, ready=False
+            )
+        except SessionError as exc:
+            # A limit or a store outage must not make the connection unusable:
+            # serve it without a connection session (tools that need one say so).
+            logger.warning("serving this connection without a session: %s", exc)
+            return
         logger.info("connection session opened for client %s", client.name or "?",
                     extra={"session_id": connection.session.id})  # fmt: skip
 
@@ -672,6 +732,8 @@ async def serve_stdio(
         install_session_tools(server)
     if session_resources:
         install_session_resources(server)
+    if max_message_size <= 0:
+        raise ValueError("max_message_size must be positive")
     restore: Callable[[], None] | None = None
     stdout_fd: int | None = None
     if stdin is None or stdout is None:
@@ -679,27 +741,43 @@ async def serve_stdio(
         stdin, stdout, stdout_fd = fd_in, fd_out, fd_out.fileno()
         if handle_signals is None:
             handle_signals = True
-    transport = StdioTransport(
-        stdin,
-        stdout,
-        max_message_size=max_message_size,
-        grace=grace,
-        handle_signals=bool(handle_signals),
-        stdout_fd=stdout_fd,
-    )
     try:
-        if supervisor is not None:
-            await _serve_with(server, supervisor, principal, transport)
-        else:
-            async with open_supervisor(settings, hooks=hooks, store=store) as own:
-                await _serve_with(server, own, principal, transport)
-                await own.shutdown(grace=0 if transport.broken else grace)
+        transport = StdioTransport(
+            stdin, stdout, max_message_size=max_message_size, grace=grace, stdout_fd=stdout_fd
+        )
+        async with trio.open_nursery() as nursery:
+            if handle_signals:
+                # For the whole run, not just while reading: a SIGTERM that comes
+                # while the connection session's teardown runs must not kill us.
+                await nursery.start(_forward_signals, transport)
+            if supervisor is not None:
+                await _serve_with(server, supervisor, principal, transport)
+            else:
+                async with open_supervisor(settings, hooks=hooks, store=store) as own:
+                    await _serve_with(server, own, principal, transport)
+                    await own.shutdown(grace=0 if transport.broken else grace)
+            nursery.cancel_scope.cancel()
     finally:
         if restore is not None:
             await stdin.aclose()
             await stdout.aclose()
             restore()
     logger.info("stdio server stopped (%s)", transport.stop_reason)
+
+
+async def _forward_signals(
+    transport: StdioTransport, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """SIGINT/SIGTERM: the first stops gracefully, the next stops at once; none kills us."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if transport.stop_reason is None:
+                transport.stop(name)
+            else:
+                logger.info("%s while stopping: stopping now", name)
+                transport.stop(name, hard=True)
 
 
 async def _serve_with(

@@ -42,6 +42,7 @@ from typing import Any, Self
 
 import anyio
 import trio
+from mcp.shared.dispatcher import coerce_request_id
 from mcp.shared.message import SessionMessage
 from mcp_types import (
     INVALID_REQUEST,
@@ -62,6 +63,8 @@ logger = logging.getLogger("mcp_sessions.transport")
 #: Longest accepted message, in bytes, newline excluded.
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 _CHUNK = 65536
+#: After the grace period, how long the cancelled requests' error replies may take.
+_FINAL_FLUSH_S = 1.0
 #: How often a watchdog checks whether the client closed our stdout.
 _STDOUT_POLL_INTERVAL = 0.25
 
@@ -83,9 +86,13 @@ class _LineWriter:
     async def send(self, item: SessionMessage, /) -> None:
         message = item.message
         data = message.model_dump_json(by_alias=True, exclude_unset=True).encode() + b"\n"
-        if isinstance(message, JSONRPCResponse | JSONRPCError) and message.id is not None:
-            self._transport._settle(message.id)
-        await self._transport._write(data)
+        try:
+            await self._transport._write(data)
+        finally:
+            # A request is done once its answer is out (or can no longer get out):
+            # only then may a graceful stop stop waiting for it.
+            if isinstance(message, JSONRPCResponse | JSONRPCError) and message.id is not None:
+                self._transport._settle(message.id)
 
     async def aclose(self) -> None:
         # The transport owns stdout; the SDK closing its side changes nothing.
@@ -139,6 +146,8 @@ class StdioTransport:
         self._read_scope = trio.CancelScope()
         self._drain_scope = trio.CancelScope()
         self._stop_reason: str | None = None
+        self._hard = False
+        self._nursery: trio.Nursery | None = None
         self.writer = _LineWriter(self)
 
     # -- public -----------------------------------------------------------------
@@ -161,11 +170,17 @@ class StdioTransport:
         self._read_scope.cancel()
         if hard:
             self._drain_scope.cancel()
+            # A client that stopped reading must not hold us: abandon the write
+            # in progress (nothing more is written after it).
+            self._hard = True
+            for scope in list(self._write_scopes):
+                scope.cancel()
 
     async def serve(self, loop: ServeLoop) -> None:
         """Run ``loop(read_stream, write_stream)`` over this transport until it ends."""
         send, receive = anyio.create_memory_object_stream[SessionMessage | Exception](0)
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._reader, send, name="mcp_sessions.stdio.reader")
             if self._handle_signals:
                 nursery.start_soon(self._signals, name="mcp_sessions.stdio.signals")
@@ -180,6 +195,10 @@ class StdioTransport:
                     scope.cancel()
 
     # -- reading ------------------------------------------------------------------
+
+    async def _hard_stop_after(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+        self.stop(self._stop_reason or "grace", hard=True)
 
     async def _reader(self, send: anyio.abc.ObjectSendStream[SessionMessage | Exception]) -> None:
         async with send:
@@ -199,9 +218,14 @@ class StdioTransport:
                 while self._pending:
                     self._drained = trio.Event()
                     await self._drained.wait()
-            if self._drain_scope.cancelled_caught and self._pending:
-                logger.warning("grace period over with %d request(s) in flight; cancelling them",
+            if self._pending and not self._hard:
+                logger.warning("grace period over with %d request(s) unanswered; cancelling them",
                                len(self._pending))  # fmt: skip
+                # EOF (below) makes the SDK cancel them and answer with errors;
+                # give those answers a moment, but no client that stopped reading
+                # can hold us past it.
+                if self._nursery is not None:
+                    self._nursery.start_soon(self._hard_stop_after, _FINAL_FLUSH_S)
         # Leaving `async with send` is EOF for the SDK: it cancels what still runs.
 
     async def _read_lines(
@@ -249,19 +273,32 @@ class StdioTransport:
     ) -> None:
         try:
             message = jsonrpc_message_adapter.validate_json(line, by_name=False)
-        except ValidationError:
+        except (ValidationError, ValueError, RecursionError):
             await self._reject(line)
             return
+        pending_id: RequestKey | None = None
         if isinstance(message, JSONRPCRequest):
-            self._pending[message.id] = self._pending.get(message.id, 0) + 1
-        elif (
-            isinstance(message, JSONRPCNotification) and message.method == "notifications/cancelled"
-        ):
-            request_id = (message.params or {}).get("requestId")
-            if isinstance(request_id, int | str) and request_id in self._pending:
-                # The SDK never answers a cancelled request; stop waiting for it.
-                self._settle(request_id)
-        await send.send(SessionMessage(message))
+            pending_id = coerce_request_id(message.id)
+            self._pending[pending_id] = self._pending.get(pending_id, 0) + 1
+        elif isinstance(message, JSONRPCNotification):
+            if _has_id(line):
+                # A request whose id is not a string or an integer: pydantic
+                # read it as a notification. Refuse it rather than drop it.
+                await self._reply_error(
+                    None, INVALID_REQUEST, "Invalid Request: id must be a string or an integer"
+                )
+                return
+            if message.method == "notifications/cancelled":
+                request_id = (message.params or {}).get("requestId")
+                if isinstance(request_id, int | str) and not isinstance(request_id, bool):
+                    # The SDK never answers a cancelled request; stop waiting for it.
+                    self._settle(request_id)
+        try:
+            await send.send(SessionMessage(message))
+        except BaseException:
+            if pending_id is not None:  # never handed over: nobody will answer it
+                self._settle(pending_id)
+            raise
 
     async def _reject(self, line: bytes) -> None:
         """Answer a line the SDK cannot take: not UTF-8, not JSON, or not a JSON-RPC object."""
@@ -272,7 +309,7 @@ class StdioTransport:
         except UnicodeDecodeError:
             await self._reply_error(None, PARSE_ERROR, "Parse error: message is not valid UTF-8")
             return
-        except ValueError:
+        except (ValueError, RecursionError):
             await self._reply_error(None, PARSE_ERROR, "Parse error: message is not valid JSON")
             return
         if not isinstance(value, dict):
@@ -304,6 +341,7 @@ class StdioTransport:
         await self._write(error.model_dump_json(by_alias=True, exclude_unset=True).encode() + b"\n")
 
     def _settle(self, request_id: RequestKey) -> None:
+        request_id = coerce_request_id(request_id)
         count = self._pending.get(request_id)
         if count is None:
             return
@@ -317,10 +355,10 @@ class StdioTransport:
     # -- writing ------------------------------------------------------------------
 
     async def _write(self, data: bytes) -> None:
-        if self._broken:
+        if self._broken or self._hard:
             return
         async with self._write_lock:
-            if self._broken:
+            if self._broken or self._hard:
                 return
             # Shielded: a whole line or nothing. Only a hard stop cancels it.
             with trio.CancelScope(shield=True) as scope:
@@ -368,6 +406,17 @@ class StdioTransport:
                 self._mark_broken("stdout closed by the client")
                 return
             await trio.sleep(_STDOUT_POLL_INTERVAL)
+
+
+def _has_id(line: bytes) -> bool:
+    """Whether a line that parsed as a notification carries an ``id`` member."""
+    if b'"id"' not in line:
+        return False
+    try:
+        value = json.loads(line)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(value, dict) and "id" in value
 
 
 def claim_stdio() -> tuple[trio.lowlevel.FdStream, trio.lowlevel.FdStream, Callable[[], None]]:
