@@ -192,8 +192,12 @@ def main(argv: Sequence[str] | None = None, *, server: Any = None) -> int:
     try:
         settings = settings_from_args(args)
         max_message_size = (
-            int(args.max_message_size) if args.max_message_size else DEFAULT_MAX_MESSAGE_SIZE
+            DEFAULT_MAX_MESSAGE_SIZE
+            if args.max_message_size is None
+            else int(args.max_message_size)
         )
+        if max_message_size <= 0:
+            raise ValueError(f"--max-message-size must be positive, got {max_message_size}")
     except (SettingsError, ValueError) as exc:
         parser.error(str(exc))
     try:
