@@ -198,18 +198,37 @@ class SQLiteStore(SQLStoreBase):
         )
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            mode = self._retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone())
             if mode is None or str(mode[0]).lower() != "wal":
                 raise StoreUnavailable(
                     f"sqlite store {self.path}: cannot use WAL journal mode (got {mode!r})"
                 )
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-            self._migrate(conn)
+            self._retry_locked(lambda: self._migrate(conn))
             conn.set_progress_handler(self._progress, 1000)
         except BaseException:
             conn.close()
             raise
         self._conn = conn
+
+    def _retry_locked(self, fn: Callable[[], T]) -> T:
+        """Run ``fn``, retrying "database is locked" until the busy timeout.
+
+        Switching a new file to WAL takes an exclusive lock for which SQLite
+        does not always call its busy handler, so several processes opening a
+        fresh store at once can see SQLITE_BUSY at once; waiting a little
+        and trying again is the documented remedy.
+        """
+        deadline = time.monotonic() + self.busy_timeout
+        delay = 0.005
+        while True:
+            try:
+                return fn()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)  # in the store's worker thread, never the event loop
+            delay = min(delay * 2, 0.1)
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         # BEGIN IMMEDIATE: two processes opening at once apply migrations one after the other.
