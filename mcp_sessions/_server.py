@@ -35,7 +35,6 @@ import getpass
 import json
 import logging
 import os
-import signal
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any
 
@@ -68,7 +67,7 @@ from ._runtime import (
 from ._settings import Settings
 from ._state import SessionState, TerminationReason
 from ._store import LIVE, SessionRecord, SessionStore
-from ._transport import DEFAULT_MAX_MESSAGE_SIZE, StdioTransport, claim_stdio
+from ._transport import DEFAULT_MAX_MESSAGE_SIZE, StdioTransport, claim_stdio, forward_signals
 
 __all__ = [
     "SESSION_TOOLS",
@@ -749,7 +748,7 @@ async def serve_stdio(
             if handle_signals:
                 # For the whole run, not just while reading: a SIGTERM that comes
                 # while the connection session's teardown runs must not kill us.
-                await nursery.start(_forward_signals, transport)
+                await nursery.start(forward_signals, transport)
             if supervisor is not None:
                 await _serve_with(server, supervisor, principal, transport)
             else:
@@ -763,21 +762,6 @@ async def serve_stdio(
             await stdout.aclose()
             restore()
     logger.info("stdio server stopped (%s)", transport.stop_reason)
-
-
-async def _forward_signals(
-    transport: StdioTransport, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """SIGINT/SIGTERM: the first stops gracefully, the next stops at once; none kills us."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        task_status.started()
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            if transport.stop_reason is None:
-                transport.stop(name)
-            else:
-                logger.info("%s while stopping: stopping now", name)
-                transport.stop(name, hard=True)
 
 
 async def _serve_with(

@@ -183,7 +183,7 @@ class StdioTransport:
             self._nursery = nursery
             nursery.start_soon(self._reader, send, name="mcp_sessions.stdio.reader")
             if self._handle_signals:
-                nursery.start_soon(self._signals, name="mcp_sessions.stdio.signals")
+                await nursery.start(forward_signals, self)
             if self._stdout_fd is not None:
                 nursery.start_soon(self._watch_stdout, name="mcp_sessions.stdio.watchdog")
             try:
@@ -381,16 +381,6 @@ class StdioTransport:
 
     # -- watching -----------------------------------------------------------------
 
-    async def _signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if self._stop_reason is None:
-                    self.stop(name)
-                else:
-                    logger.info("second signal (%s): stopping now", name)
-                    self.stop(name, hard=True)
-
     async def _watch_stdout(self) -> None:
         """Notice a closed stdout even when there is nothing to write.
 
@@ -406,6 +396,21 @@ class StdioTransport:
                 self._mark_broken("stdout closed by the client")
                 return
             await trio.sleep(_STDOUT_POLL_INTERVAL)
+
+
+async def forward_signals(
+    transport: StdioTransport, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """SIGINT/SIGTERM: the first stops gracefully, the next stops at once; none kills us."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if transport.stop_reason is None:
+                transport.stop(name)
+            else:
+                logger.info("%s while stopping: stopping now", name)
+                transport.stop(name, hard=True)
 
 
 def _has_id(line: bytes) -> bool:
