@@ -22,7 +22,9 @@ async def add_note(text: str, session: str | None = None) -> dict[str, Any]:
     """Add a note to the session; returns how many notes it holds."""
     ctx = current_session()
     notes = [*ctx.state.get("notes", []), text]
-    version = await ctx.patch({"notes": notes})
+    # if_version: if another process changed the notes since we read them, this
+    # fails with `version_conflict` instead of silently dropping their note.
+    version = await ctx.patch({"notes": notes}, if_version=ctx.version)
     return {"count": len(notes), "version": version}
 
 
