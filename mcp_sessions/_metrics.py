@@ -92,7 +92,6 @@ class RuntimeMetrics:
         "hook_errors",
         "live",
         "observer_dropped",
-        "observer_errors",
         "request_duration",
         "request_errors",
         "requests",
@@ -111,7 +110,6 @@ class RuntimeMetrics:
         self.expired = 0
         self.hook_errors: dict[str, int] = {}
         self.observer_dropped = 0
-        self.observer_errors = 0
         self.background_errors = 0
         self.handle_validations: dict[str, int] = {}
 

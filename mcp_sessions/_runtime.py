@@ -257,7 +257,6 @@ class Session:
         "_version",
         "client",
         "created_at",
-        "created_time",
         "deadline",
         "errors",
         "handle_hash",
@@ -299,7 +298,6 @@ class Session:
         self.state = _S.INITIALIZING
         self.reason: TerminationReason | None = None
         self.created_at = wall
-        self.created_time = now
         self.last_active_time = now
         self.idle_since = now
         self.deadline = now + lifetime
@@ -978,7 +976,6 @@ class Supervisor:
             wall=record.created_at,
             lifetime=record.expires_at - now_wall,
         )
-        session.created_time = now - max(0.0, now_wall - record.created_at)
         session.last_active_time = now - max(0.0, now_wall - record.last_active)
         session._resumed = session._stored = True
         self._refresh_from_record(session, record)
@@ -1495,7 +1492,7 @@ class Supervisor:
             del self._per_principal[session.principal]
         session._deadline_seq = -1
         kind = session.kind.value
-        reason = session.reason.value if session.reason is not None else "unknown"
+        reason = _reason(session)
         cells = self._metrics.terminated
         cells[(kind, reason)] = cells.get((kind, reason), 0) + 1
         if self.settings.tombstone_retention > 0:
