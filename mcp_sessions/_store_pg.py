@@ -38,7 +38,6 @@ import psycopg_pool
 import trio
 from psycopg.types.json import Jsonb
 
-from ._errors import SessionError
 from ._store import SchemaTooNew, StoreUnavailable
 from ._store_sql import (
     DUE,
@@ -123,7 +122,7 @@ class PostgresStore(SQLStoreBase):
             "tcp_user_timeout": int(max(self.op_timeout, self.connect_timeout) * 1000),
         }
 
-    def _in_thread(self, fn: Callable[[Any], T], abandoned: threading.Event) -> T:
+    def _in_thread(self, fn: Callable[[Any], T], write: bool, abandoned: threading.Event) -> T:
         pool = self._pool
         if pool is None:
             raise StoreUnavailable(f"{self._where} is not open")
@@ -134,35 +133,16 @@ class PostgresStore(SQLStoreBase):
                 raise StoreUnavailable(f"{self._where}: operation abandoned after its timeout")
             return result
 
-    async def _call(self, fn: Callable[[], T], what: str, *, bounded: bool = True) -> T:
-        try:
-            if not bounded:
-                # Bounded by the driver's own timeouts; never abandoned, so
-                # nothing it creates can leak from a thread nobody waits for.
-                return await trio.to_thread.run_sync(fn, limiter=self._limiter)
-            with trio.fail_after(self.op_timeout):
-                return await trio.to_thread.run_sync(
-                    fn, limiter=self._limiter, abandon_on_cancel=True
-                )
-        except trio.TooSlowError:
-            raise StoreUnavailable(
-                f"{self._where}: {what} did not finish within {self.op_timeout:g}s"
-            ) from None
-        except (SessionError, SchemaTooNew):
-            raise
-        except psycopg_pool.PoolTimeout as exc:
-            raise StoreUnavailable(
+    def _map_error(self, exc: Exception) -> Exception | None:
+        if isinstance(exc, psycopg_pool.PoolTimeout):
+            return StoreUnavailable(
                 f"{self._where} unavailable: no connection within the timeout ({exc})"
-            ) from exc
-        except (psycopg.OperationalError, psycopg.InterfaceError, psycopg.InternalError) as exc:
-            raise StoreUnavailable(f"{self._where} unavailable: {exc}") from exc
-
-    async def _run(self, fn: Callable[[Any], T], *, write: bool) -> T:
-        abandoned = threading.Event()
-        try:
-            return await self._call(lambda: self._in_thread(fn, abandoned), "operation")
-        finally:
-            abandoned.set()
+            )
+        if isinstance(
+            exc, psycopg.OperationalError | psycopg.InterfaceError | psycopg.InternalError
+        ):
+            return StoreUnavailable(f"{self._where} unavailable: {exc}")
+        return None
 
     def _is_duplicate(self, exc: BaseException) -> bool:
         return isinstance(exc, psycopg.errors.UniqueViolation)

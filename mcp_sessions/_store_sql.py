@@ -27,13 +27,15 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import attrs
+import trio
 
-from ._errors import SessionNotFound, VersionConflict, gone
+from ._errors import SessionError, SessionNotFound, VersionConflict, gone
 from ._jsonmerge import merge_patch
 from ._state import TerminationReason
 from ._store import (
@@ -41,9 +43,11 @@ from ._store import (
     LIVE,
     RECORD_STATES,
     TERMINATED,
+    SchemaTooNew,
     SessionRecord,
     StoreError,
     StoreHealth,
+    StoreUnavailable,
     Touch,
 )
 
@@ -248,15 +252,61 @@ def decode_record(row: Sequence[Any], *, json_text: bool, backend: str) -> Sessi
 
 
 class SQLStoreBase:
-    """The store operations over a DB-API cursor; subclasses provide :meth:`_run`."""
+    """The store operations over a DB-API cursor, run in worker threads.
+
+    Subclasses provide :meth:`_in_thread` (one transaction on a connection of
+    theirs) and :meth:`_map_error` (their driver's failures as
+    :class:`StoreUnavailable`); the bounding by ``op_timeout`` and the
+    abandon-then-roll-back handshake are shared here.
+    """
 
     backend: str
     durable = True
     dialect: Dialect
+    op_timeout: float
+    #: How the store names itself in errors and logs (no password).
+    _where: str
+    _limiter: trio.CapacityLimiter
+
+    def _in_thread(self, fn: Callable[[Any], T], write: bool, abandoned: threading.Event) -> T:
+        """Run ``fn(cursor)`` in one transaction; roll back if ``abandoned`` is set by then."""
+        raise NotImplementedError
+
+    def _map_error(self, exc: Exception) -> Exception | None:
+        """The :class:`StoreUnavailable` a driver failure stands for, or None to let it through."""
+        raise NotImplementedError
+
+    async def _call(self, fn: Callable[[], T], what: str, *, bounded: bool = True) -> T:
+        """Run ``fn`` in a worker thread (bounded by ``op_timeout``), mapping failures."""
+        try:
+            if not bounded:
+                # Bounded by the driver's own timeouts; never abandoned, so
+                # nothing it creates can leak from a thread nobody waits for.
+                return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+            with trio.fail_after(self.op_timeout):
+                return await trio.to_thread.run_sync(
+                    fn, limiter=self._limiter, abandon_on_cancel=True
+                )
+        except trio.TooSlowError:
+            raise StoreUnavailable(
+                f"{self._where}: {what} did not finish within {self.op_timeout:g}s"
+            ) from None
+        except (SessionError, SchemaTooNew):
+            raise
+        except Exception as exc:
+            mapped = self._map_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
 
     async def _run(self, fn: Callable[[Any], T], *, write: bool) -> T:
         """Run ``fn(cursor)`` in one transaction in a worker thread; commit if it returns."""
-        raise NotImplementedError
+        abandoned = threading.Event()
+        try:
+            return await self._call(lambda: self._in_thread(fn, write, abandoned), "operation")
+        finally:
+            # If the caller gave up (timeout or cancellation), the thread rolls back.
+            abandoned.set()
 
     # -- helpers -----------------------------------------------------------
 

@@ -102,6 +102,7 @@ class SQLiteStore(SQLStoreBase):
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self._limiter = trio.CapacityLimiter(1)
+        self._where = f"sqlite store {self.path}"
         # Set when the trio side gave up on the operation running now; the
         # progress handler then aborts its statement.
         self._abandoned: threading.Event | None = None
@@ -145,33 +146,18 @@ class SQLiteStore(SQLStoreBase):
         finally:
             self._lock.release()
 
-    async def _call(self, fn: Callable[[], T], what: str) -> T:
-        """Run ``fn`` in the store's worker slot, bounded by op_timeout, mapping failures."""
-        try:
-            with trio.fail_after(self.op_timeout):
-                return await trio.to_thread.run_sync(
-                    fn, limiter=self._limiter, abandon_on_cancel=True
-                )
-        except trio.TooSlowError:
-            raise StoreUnavailable(
-                f"sqlite store {self.path}: {what} did not finish within {self.op_timeout:g}s"
-            ) from None
-        except _Cancelled as exc:
-            raise StoreUnavailable(f"sqlite store {self.path}: {exc}") from None
-        except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError):
-            raise
-        except sqlite3.DatabaseError as exc:
-            raise StoreUnavailable(_explain(self.path, exc)) from exc
-        except OSError as exc:
-            raise StoreUnavailable(f"sqlite store {self.path} unavailable: {exc}") from exc
-
-    async def _run(self, fn: Callable[[Any], T], *, write: bool) -> T:
-        abandoned = threading.Event()
-        try:
-            return await self._call(lambda: self._in_thread(fn, write, abandoned), "operation")
-        finally:
-            # If the caller gave up (timeout or cancellation), stop the statement.
-            abandoned.set()
+    def _map_error(self, exc: Exception) -> Exception | None:
+        if isinstance(exc, _Cancelled):
+            return StoreUnavailable(f"{self._where}: {exc}")
+        if isinstance(
+            exc, sqlite3.IntegrityError | sqlite3.ProgrammingError | sqlite3.InterfaceError
+        ):
+            return None  # our bug or a duplicate: not an outage
+        if isinstance(exc, sqlite3.DatabaseError):
+            return StoreUnavailable(_explain(self.path, exc))
+        if isinstance(exc, OSError):
+            return StoreUnavailable(f"{self._where} unavailable: {exc}")
+        return None
 
     def _is_duplicate(self, exc: BaseException) -> bool:
         return isinstance(exc, sqlite3.IntegrityError)
