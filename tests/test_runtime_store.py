@@ -30,7 +30,7 @@ from mcp_sessions import (
     VersionConflict,
     open_supervisor,
 )
-from mcp_sessions._store import MemoryStore, StoreUnavailable, Touch
+from mcp_sessions._store import MemoryStore, SessionRecord, StoreUnavailable, Touch
 
 S = SessionState
 R = TerminationReason
@@ -78,6 +78,13 @@ class DurableMemoryStore(MemoryStore):
         return await super().expire(*args, **kwargs)
 
 
+async def stored(store: MemoryStore, session_id: str) -> SessionRecord:
+    """The store's record of a session, which must exist."""
+    record = await store.load(session_id)
+    assert record is not None, f"no record of {session_id}"
+    return record
+
+
 def wall() -> float:
     """A wall clock that follows trio's (mock) clock."""
     return EPOCH + trio.current_time()
@@ -102,14 +109,12 @@ async def test_open_close_are_committed_before_they_return(
     store = DurableMemoryStore()
     async with process(store) as sup:
         session, handle = await sup.open_handle_session(principal="alice", metadata={"k": 1})
-        record = await store.load(session.id)
-        assert record is not None
+        record = await stored(store, session.id)
         assert (record.state, record.kind, record.principal) == ("idle", "handle", "alice")
         assert handle not in repr(record)
         assert record.metadata == {"k": 1}
         await sup.close(session)
-        record = await store.load(session.id)
-        assert record is not None
+        record = await stored(store, session.id)
         assert (record.state, record.reason) == ("terminated", "closed")
 
 
@@ -139,8 +144,7 @@ async def test_patches_from_two_processes_lose_nothing(
             for i in range(20):
                 target = session_a if i % 2 else session_b
                 nursery.start_soon(target.patch_state, {f"k{i}": i})
-        record = await store.load(session_a.id)
-        assert record is not None
+        record = await stored(store, session_a.id)
         assert record.version == 20
         assert record.doc == {f"k{i}": i for i in range(20)}
         # if_version is checked against the store, not a stale local copy
@@ -180,8 +184,7 @@ async def test_use_elsewhere_keeps_a_session_from_idling_out(
         assert session_a.state is S.TERMINATED
         assert session_a.reason is R.IDLE_TIMEOUT
         assert session_b.state is S.TERMINATED
-        record = await store.load(session_a.id)
-        assert record is not None
+        record = await stored(store, session_a.id)
         assert record.reason == "idle_timeout"
         assert store.writes["expire"] >= 1
 
@@ -196,8 +199,7 @@ async def test_touches_are_coalesced_not_one_per_request(
             async with sup.request(session):
                 await trio.sleep(0.01)  # 1000 requests over 10 s
         await trio.sleep(6)
-        record = await store.load(session.id)
-        assert record is not None
+        record = await stored(store, session.id)
         assert record.requests == 1000
         assert store.writes.get("touch", 0) <= 3  # one per touch interval at most
         assert record.last_active == pytest.approx(wall() - 6, abs=0.1)
@@ -229,8 +231,7 @@ async def test_restart_resumes_handle_sessions_with_their_state(
         async with first.request(session):
             pass
     assert session.reason is R.SHUTDOWN
-    record = await store.load(session.id)
-    assert record is not None
+    record = await stored(store, session.id)
     assert record.state == "idle"  # kept, not ended, by the shutdown
     await trio.sleep(30)
     async with process(store, hooks=Hooks(resume=resume)) as second:
@@ -266,8 +267,7 @@ async def test_sweep_ends_sessions_nobody_has_loaded(
         session, _ = await first.open_handle_session(principal="alice")
     async with process(store) as second:
         await trio.sleep(SETTINGS.idle_timeout + SETTINGS.sweep_interval + 1)
-        record = await store.load(session.id)
-        assert record is not None
+        record = await stored(store, session.id)
         assert (record.state, record.reason) == ("terminated", "idle_timeout")
         assert second.statistics().cleanup_errors == 0
 
@@ -307,16 +307,13 @@ async def test_connection_sessions_end_in_the_store_at_shutdown(
     store = DurableMemoryStore()
     async with process(store) as sup:
         conn = await sup.create_session(kind=SessionKind.CONNECTION, principal="a", ready=False)
-        record = await store.load(conn.id)
-        assert record is not None
+        record = await stored(store, conn.id)
         assert record.state == "initializing"
         sup.mark_ready(conn)
         await trio.testing.wait_all_tasks_blocked()
-        record = await store.load(conn.id)
-        assert record is not None
+        record = await stored(store, conn.id)
         assert record.state == "idle"
-    record = await store.load(conn.id)
-    assert record is not None
+    record = await stored(store, conn.id)
     assert (record.state, record.reason) == ("terminated", "shutdown")
 
 
@@ -404,8 +401,7 @@ async def test_a_close_during_a_touch_counts_each_request_once(
                 pass
         await trio.sleep(5.5)  # the flusher's touch is in flight until t=6
         await sup.close(session)
-        record = await store.load(session.id)
-        assert record is not None
+        record = await stored(store, session.id)
         assert record.requests == 10
 
 
@@ -428,8 +424,7 @@ async def test_resolving_a_session_that_is_ending_does_not_bring_it_back(
         await trio.sleep(2)
         assert session.state is S.TERMINATED
         assert sup.live_count == 0
-        record = await store.load(session.id)
-        assert record is not None
+        record = await stored(store, session.id)
         assert record.reason == "error"
 
 
