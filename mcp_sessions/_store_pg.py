@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -38,17 +37,13 @@ import psycopg_pool
 import trio
 from psycopg.types.json import Jsonb
 
-from ._store import SchemaTooNew, StoreUnavailable
+from ._store import StoreUnavailable
 from ._store_sql import (
     DUE,
-    LATEST_SCHEMA,
     REASON,
-    SCHEMA_VERSION_DDL,
     Dialect,
     SQLStoreBase,
-    migrations,
     redact_url,
-    schema_too_new_message,
 )
 
 __all__ = ["PostgresStore"]
@@ -167,21 +162,7 @@ class PostgresStore(SQLStoreBase):
         )
         if self.schema:
             cur.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
-        cur.execute(SCHEMA_VERSION_DDL)
-        cur.execute("SELECT MAX(version) FROM schema_version")
-        row = cur.fetchone()
-        current = int(row[0]) if row and row[0] is not None else 0
-        if current > LATEST_SCHEMA:
-            raise SchemaTooNew(schema_too_new_message(self._where, current))
-        for version, statements in migrations(POSTGRES):
-            if version <= current:
-                continue
-            for stmt in statements:
-                cur.execute(stmt)
-            cur.execute(
-                "INSERT INTO schema_version (version, applied_at) VALUES (%s, %s)",
-                (version, time.time()),
-            )
+        self._apply_migrations(cur)
 
     def _open_sync(self) -> None:
         pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] = psycopg_pool.ConnectionPool(

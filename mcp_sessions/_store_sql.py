@@ -276,6 +276,26 @@ class SQLStoreBase:
         """The :class:`StoreUnavailable` a driver failure stands for, or None to let it through."""
         raise NotImplementedError
 
+    def _apply_migrations(self, cur: Any) -> None:
+        """Bring the schema up to date inside the caller's (locked) transaction.
+
+        Forward only; a schema newer than this code raises :class:`SchemaTooNew`
+        and touches nothing.
+        """
+        cur.execute(SCHEMA_VERSION_DDL)
+        cur.execute("SELECT MAX(version) FROM schema_version")
+        row = cur.fetchone()
+        current = int(row[0]) if row and row[0] is not None else 0
+        if current > LATEST_SCHEMA:
+            raise SchemaTooNew(schema_too_new_message(self._where, current))
+        insert = self._q("INSERT INTO schema_version (version, applied_at) VALUES (%s, %s)")
+        for version, statements in migrations(self.dialect):
+            if version <= current:
+                continue
+            for stmt in statements:
+                cur.execute(stmt)
+            cur.execute(insert, (version, time.time()))
+
     async def _call(self, fn: Callable[[], T], what: str, *, bounded: bool = True) -> T:
         """Run ``fn`` in a worker thread (bounded by ``op_timeout``), mapping failures."""
         try:

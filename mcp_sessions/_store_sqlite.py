@@ -41,13 +41,9 @@ import trio
 from ._store import SchemaTooNew, StoreUnavailable
 from ._store_sql import (
     DUE,
-    LATEST_SCHEMA,
     REASON,
-    SCHEMA_VERSION_DDL,
     Dialect,
     SQLStoreBase,
-    migrations,
-    schema_too_new_message,
 )
 
 __all__ = ["SQLiteStore", "default_sqlite_path"]
@@ -220,20 +216,11 @@ class SQLiteStore(SQLStoreBase):
         # BEGIN IMMEDIATE: two processes opening at once apply migrations one after the other.
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute(SCHEMA_VERSION_DDL)
-            row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
-            current = int(row[0]) if row and row[0] is not None else 0
-            if current > LATEST_SCHEMA:
-                raise SchemaTooNew(schema_too_new_message(f"sqlite store {self.path}", current))
-            for version, statements in migrations(SQLITE):
-                if version <= current:
-                    continue
-                for stmt in statements:
-                    conn.execute(stmt)
-                conn.execute(
-                    "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
-                    (version, time.time()),
-                )
+            cur = conn.cursor()
+            try:
+                self._apply_migrations(cur)
+            finally:
+                cur.close()
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
