@@ -17,6 +17,7 @@ from mcp_sessions import Settings, current_session, serve_stdio
 from mcp_sessions._store import MemoryStore, StoreUnavailable
 
 from ._wire import line_transport
+from .e2e_server import count
 
 _STORE_OPS = {"create", "load", "load_by_hash", "terminate", "patch_state", "touch", "expire",
               "list_by_principal", "mark_ready"}  # fmt: skip
@@ -42,13 +43,7 @@ class FlakyStore(MemoryStore):
 def make_server() -> MCPServer[Any]:
     server: MCPServer[Any] = MCPServer("layer")
 
-    @server.tool()
-    async def count(session: str | None = None) -> int:
-        """Bump a counter in the session's state."""
-        ctx = current_session()
-        n = int(ctx.state.get("count", 0)) + 1
-        await ctx.patch({"count": n})
-        return n
+    server.add_tool(count)  # the end-to-end server's counter tool
 
     @server.tool()
     async def needs_session() -> str:
