@@ -269,18 +269,22 @@ class SupervisorMachine(RuleBasedStateMachine):
     @invariant()
     @in_trio
     def terminated_sessions_are_gone_and_torn_down_once(self) -> None:
-        registry = self.supervisor._sessions
+        registered = {s.id for s in self.supervisor.sessions()}
         for session in self.sessions:
             if session.state is S.TERMINATED:
-                assert session.id not in registry
+                assert session.id not in registered
                 assert session.reason is not None
                 assert self.teardowns[session.id] == 1
                 assert session.snapshot().background_tasks == 0
-                assert session._nursery is not None
-                assert session._nursery.parent_task.coro.cr_frame is None  # task finished
+                assert session.task_done
             else:
-                assert registry.get(session.id) is session
+                assert session.id in registered
                 assert self.teardowns[session.id] == 0
+
+    @invariant()
+    @in_trio
+    def the_runtime_holds_its_own_invariants(self) -> None:
+        self.supervisor.check_invariants()
 
     @invariant()
     @in_trio
@@ -294,21 +298,21 @@ class SupervisorMachine(RuleBasedStateMachine):
     @invariant()
     @in_trio
     def nothing_outlives_its_deadlines_by_a_scan_interval(self) -> None:
-        if not self.supervisor._nursery or self.supervisor._stopped.is_set():
+        if self.supervisor.stopped:
             return
         now = self.clock.current_time()
         interval = self.settings.cleanup_interval
+        grace = self.supervisor.idle_grace  # a store's allowance for unwritten use
         for session in self.sessions:
-            if session.state is S.IDLE:
-                grace = self.supervisor._idle_grace  # a store's allowance for unwritten use
+            if session.idle_since is not None:
                 assert session.idle_since + session.idle_timeout + grace > now - interval
             if session.live:
-                assert session.deadline > now - interval
+                assert session.lifetime_end > now - interval
 
     @invariant()
     @in_trio
     def limits_hold(self) -> None:
-        live = list(self.supervisor._sessions.values())
+        live = self.supervisor.sessions()
         assert len(live) <= self.settings.max_sessions
         per = Counter(s.principal for s in live)
         assert max(per.values(), default=0) <= self.settings.max_sessions_per_principal
@@ -319,7 +323,7 @@ class SupervisorMachine(RuleBasedStateMachine):
         stats = self.supervisor.statistics()
         assert stats.created_total == stats.live + stats.terminated_total
         assert stats.live == self.supervisor.live_count
-        actual = Counter(s.state for s in self.supervisor._sessions.values())
+        actual = Counter(s.state for s in self.supervisor.sessions())
         for state in S:
             assert stats.live_by_state[state] == actual[state]
         assert stats.live_by_state[S.TERMINATED] == 0
@@ -335,7 +339,7 @@ class SupervisorMachine(RuleBasedStateMachine):
     @invariant()
     @in_trio
     def after_shutdown_nothing_is_live(self) -> None:
-        if self.supervisor._stopped.is_set():
+        if self.supervisor.stopped:
             assert self.supervisor.live_count == 0
             assert all(s.reason is not None for s in self.sessions)
             assert not math.isnan(self.clock.current_time())
@@ -354,23 +358,26 @@ class StoredSupervisorMachine(SupervisorMachine):
         return store
 
     @invariant()
-    @in_trio
     def the_store_agrees(self) -> None:
-        assert self.store is not None
-        records = self.store._records
-        for session in self.sessions:
-            record = records.get(session.id)
-            if record is None:  # purged after tombstone_retention
-                assert session.state is S.TERMINATED
-                continue
-            if session.live:
-                assert record.live
-                assert record.version == session.version
-            elif session.state is S.TERMINATED and session.reason is not R.SHUTDOWN:
-                assert not record.live
-                assert record.reason == session.reason.value  # type: ignore[union-attr]
-            elif session.state is S.TERMINATED and session.kind is SessionKind.HANDLE:
-                assert record.live  # kept across a shutdown, to resume
+        store = self.store
+        assert store is not None
+
+        async def check() -> None:
+            for session in self.sessions:
+                record = await store.load(session.id)
+                if record is None:  # purged after tombstone_retention
+                    assert session.state is S.TERMINATED
+                    continue
+                if session.live:
+                    assert record.live
+                    assert record.version == session.version
+                elif session.state is S.TERMINATED and session.reason is not R.SHUTDOWN:
+                    assert not record.live
+                    assert record.reason == session.reason.value  # type: ignore[union-attr]
+                elif session.state is S.TERMINATED and session.kind is SessionKind.HANDLE:
+                    assert record.live  # kept across a shutdown, to resume
+
+        trio.from_thread.run(check, trio_token=self.token)
 
 
 _settings = settings(

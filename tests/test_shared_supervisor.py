@@ -78,7 +78,7 @@ async def test_handle_from_one_era_works_in_the_other_and_not_for_another_princi
             assert [s.kind.value for s in supervisor.sessions("alice")] == ["handle"]
             tomb_reasons = {
                 t.reason.value
-                for t in supervisor._tombstones.values()
+                for t in supervisor.tombstones()
                 if t.kind.value == "connection" and t.reason is not None
             }
             assert tomb_reasons == {"disconnected"}

@@ -1,0 +1,696 @@
+"""Store synchronisation: one protocol between the runtime and where sessions are kept.
+
+Theory of operation
+===================
+
+The supervisor talks to :class:`StoreSync` and never asks whether there is a
+store. :class:`LocalSync` is the runtime alone (sessions live in this process
+and die with it); :class:`DurableSync` keeps them in a
+:class:`~mcp_sessions.SessionStore`, the source of truth shared by every
+process that opens it. The sync component is the one writer of a session's
+state document, its version, and its ``_sync`` record (what the store
+knows of it).
+
+The store path, as :class:`DurableSync` walks it:
+
+- **Open, patch, close** are committed before the caller hears back: a
+  patch is one write transaction; a close ends the record first (a
+  ``closed`` that the store cannot record fails and the session stays open).
+- **Naming a handle** (:meth:`resolve`) costs no round trip when nothing
+  changed elsewhere: the store's ``change_epoch()`` (SQLite: ``PRAGMA
+  data_version``) says whether anyone else wrote since this session was last
+  checked. Otherwise one read, without the document unless its version
+  moved. A close made anywhere is seen on the next use everywhere.
+- **Activity** is written coalesced by the flusher task, at most once per
+  session per ``touch_interval``, never from the request path.
+- **Expiry** the scanner finds due is confirmed by the reconciler task (the
+  session may be in use in another process); the sweeper task ends what
+  nobody has loaded and purges old records.
+
+Failures to reach the store surface as :class:`StoreUnavailable` where a
+caller waits, and are logged and retried where nobody does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
+
+import trio
+
+from . import _expiry
+from ._clock import RuntimeClock
+from ._errors import SessionGone, SessionNotFound, VersionConflict, gone
+from ._jsonmerge import merge_patch
+from ._lifecycle import Lifecycle
+from ._metrics import RuntimeMetrics
+from ._registry import Registry
+from ._requests import Requests
+from ._session import Session, SessionKind
+from ._settings import Settings
+from ._state import SessionState, TerminationReason
+from ._store import (
+    INITIALIZING,
+    LIVE,
+    SessionRecord,
+    SessionStore,
+    StoreHealth,
+    StoreUnavailable,
+    Touch,
+)
+
+__all__ = ["DurableSync", "LocalSync", "StoreSync", "record_of"]
+
+logger = logging.getLogger("mcp_sessions")
+_T = TypeVar("_T")
+_S = SessionState
+
+Task = tuple[str, Callable[[], Awaitable[None]]]
+
+
+def record_of(session: Session, clock: RuntimeClock, *, ready: bool) -> SessionRecord:
+    """The store record for a session as it is here now."""
+    return SessionRecord(
+        id=session.id,
+        handle_hash=session.handle_hash,
+        kind=session.kind.value,
+        principal=session.principal,
+        client=session.client.to_json(),
+        metadata=dict(session.metadata),
+        state=LIVE if ready else INITIALIZING,
+        doc=dict(session._doc or {}),
+        version=session._version,
+        created_at=session.created_at,
+        last_active=clock.wall_at(session.last_active_time),
+        idle_timeout=session.idle_timeout,
+        expires_at=clock.wall_at(session.lifetime_end),
+        requests=session.requests,
+        errors=session.errors,
+    )
+
+
+class StoreSync(Protocol):
+    """What the supervisor needs from wherever sessions are kept."""
+
+    #: True when handle sessions outlive this process (kept at shutdown).
+    durable: bool
+    #: The last store failure seen, until a store call succeeds again.
+    error: str | None
+
+    @property
+    def store(self) -> SessionStore | None: ...
+
+    async def open(self) -> None: ...
+    async def aclose(self) -> None: ...
+    def tasks(self) -> Sequence[Task]:
+        """The background tasks to run in the supervisor's nursery."""
+        ...
+
+    async def created(self, session: Session, *, ready: bool) -> None:
+        """Record a new session (committed on return); raises if it cannot."""
+        ...
+
+    def ready(self, session: Session) -> None:
+        """A connection session finished its handshake."""
+        ...
+
+    def activity(self, session: Session) -> None:
+        """A request started or finished (write it coalesced)."""
+        ...
+
+    async def resolve(self, digest: str, principal: str) -> Session:
+        """The live session with this handle hash, checked, or the error to raise."""
+        ...
+
+    async def patch(
+        self, session: Session, patch: Mapping[str, Any], if_version: int | None
+    ) -> int: ...
+    async def closing(self, session: Session, reason: TerminationReason) -> None:
+        """About to end ``session`` on request: record it first (may raise for ``closed``)."""
+        ...
+
+    async def ended(self, session: Session) -> None:
+        """The session's task is finishing: write its end (bounded; never raises)."""
+        ...
+
+    def confirm_expiry(self, session: Session) -> bool:
+        """The scanner found it due: True to end it now, False if the sync will confirm."""
+        ...
+
+    async def list_records(self, principal: str) -> list[SessionRecord]: ...
+    async def health(self) -> StoreHealth | None: ...
+    async def flush(self) -> None:
+        """Write what is pending (shutdown)."""
+        ...
+
+
+def _patch_here(session: Session, patch: Mapping[str, Any], if_version: int | None) -> int:
+    """Apply a merge patch to the session's document in memory."""
+    session.check_live()
+    if if_version is not None and if_version != session._version:
+        raise VersionConflict(if_version, session._version)
+    session._doc = merge_patch(session._doc or {}, dict(patch))
+    session._version += 1
+    return session._version
+
+
+class _Base:
+    """What both implementations share: local lookups and validation metrics."""
+
+    def __init__(self, registry: Registry, metrics: RuntimeMetrics) -> None:
+        self._registry = registry
+        self._metrics = metrics
+
+    def _validated(self, outcome: str) -> None:
+        RuntimeMetrics.bump(self._metrics.handle_validations, outcome)
+
+    def _resolve_here(self, digest: str, principal: str) -> Session:
+        """Resolve from this process's sessions and tombstones alone."""
+        session = self._registry.by_hash(digest)
+        if session is not None and session.principal == principal:
+            if session.live:
+                self._validated("ok")
+                return session
+            self._validated("gone")
+            raise gone(session.id, session.reason)
+        tomb = self._registry.tombstone_by_hash(digest)
+        if session is None and tomb is not None and tomb.principal == principal:
+            self._validated("gone")
+            raise gone(tomb.id, tomb.reason)
+        self._validated("not_found")
+        raise SessionNotFound()
+
+
+class LocalSync(_Base):
+    """No store: the runtime's memory is the only record."""
+
+    durable = False
+    error: str | None = None
+
+    def __init__(self, registry: Registry, metrics: RuntimeMetrics, clock: RuntimeClock) -> None:
+        super().__init__(registry, metrics)
+        self._clock = clock
+
+    @property
+    def store(self) -> SessionStore | None:
+        return None
+
+    async def open(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+    def tasks(self) -> Sequence[Task]:
+        return ()
+
+    async def created(self, session: Session, *, ready: bool) -> None:
+        pass
+
+    def ready(self, session: Session) -> None:
+        pass
+
+    def activity(self, session: Session) -> None:
+        pass
+
+    async def resolve(self, digest: str, principal: str) -> Session:
+        return self._resolve_here(digest, principal)
+
+    async def patch(
+        self, session: Session, patch: Mapping[str, Any], if_version: int | None
+    ) -> int:
+        return _patch_here(session, patch, if_version)
+
+    async def closing(self, session: Session, reason: TerminationReason) -> None:
+        pass
+
+    async def ended(self, session: Session) -> None:
+        pass
+
+    def confirm_expiry(self, session: Session) -> bool:
+        return True
+
+    async def list_records(self, principal: str) -> list[SessionRecord]:
+        return [
+            record_of(s, self._clock, ready=s.state is not _S.INITIALIZING)
+            for s in self._registry
+            if s.principal == principal and s.live
+        ]
+
+    async def health(self) -> StoreHealth | None:
+        return None
+
+    async def flush(self) -> None:
+        pass
+
+
+class _Stored:
+    """What the store knows of one session (``Session._sync`` under :class:`DurableSync`)."""
+
+    __slots__ = ("end_written", "epoch", "flushed_errors", "flushed_requests", "ready_written")
+
+    def __init__(self, *, requests: int = 0, errors: int = 0, ready: bool = True) -> None:
+        #: The store already has this session's end.
+        self.end_written = False
+        #: The store's change epoch when the session was last checked against it.
+        self.epoch: int | None = None
+        #: Counters as last written.
+        self.flushed_requests = requests
+        self.flushed_errors = errors
+        #: Its record is past ``initializing``.
+        self.ready_written = ready
+
+
+def _epoch(store: SessionStore) -> int | None:  # TEMP until the stores land change_epoch
+    fn = getattr(store, "change_epoch", None)
+    return fn() if fn is not None else None  # type: ignore[no-any-return]
+
+
+async def _load_by_hash(
+    store: SessionStore, digest: str, known: int | None
+) -> SessionRecord | None:
+    try:  # TEMP until the stores land known_version
+        return await store.load_by_hash(digest, known_version=known)  # type: ignore[call-arg]
+    except TypeError:
+        return await store.load_by_hash(digest)
+
+
+def _stored(session: Session) -> _Stored | None:
+    st = session._sync
+    return st if isinstance(st, _Stored) else None
+
+
+class DurableSync(_Base):
+    """Sessions kept in a :class:`SessionStore`, shared with other processes."""
+
+    def __init__(
+        self,
+        store: SessionStore,
+        *,
+        registry: Registry,
+        lifecycle: Lifecycle,
+        metrics: RuntimeMetrics,
+        clock: RuntimeClock,
+        settings: Settings,
+        adopt: Callable[[SessionRecord], Awaitable[Session]],
+    ) -> None:
+        super().__init__(registry, metrics)
+        self._store = store
+        self._lifecycle = lifecycle
+        self._clock = clock
+        self._settings = settings
+        self._adopt = adopt
+        self.durable = store.durable
+        self.error: str | None = None
+        #: Idle expiry waits this much longer with a durable (so possibly
+        #: shared) store: use elsewhere may not be written yet.
+        self.idle_grace = settings.touch_interval if store.durable else 0.0
+        self._dirty: dict[Session, None] = {}  # activity not yet written (ordered set)
+        self._unready: dict[Session, None] = {}  # "ready" not yet written
+        self._expiring: list[Session] = []  # due here; the store must confirm
+        self._wake_flusher = trio.Event()
+        self._wake_reconciler = trio.Event()
+
+    @property
+    def store(self) -> SessionStore:
+        return self._store
+
+    async def open(self) -> None:
+        await self._store.open()
+
+    async def aclose(self) -> None:
+        await self._store.aclose()
+
+    def tasks(self) -> Sequence[Task]:
+        return (
+            ("mcp_sessions.store.flusher", self._flusher),
+            ("mcp_sessions.store.reconciler", self._reconciler),
+            ("mcp_sessions.store.sweeper", self._sweeper),
+        )
+
+    async def _call(self, op: Awaitable[_T]) -> _T:
+        try:
+            result = await op
+        except StoreUnavailable as exc:
+            self.error = str(exc)
+            raise
+        self.error = None
+        return result
+
+    # -- opening ---------------------------------------------------------------------
+
+    async def created(self, session: Session, *, ready: bool) -> None:
+        await self._call(self._store.create(record_of(session, self._clock, ready=ready)))
+        if not session.live:
+            # Ended while the store recorded it (a shutdown, say); its task found
+            # no record to end. Its handle was never handed out: end the record.
+            with trio.CancelScope(shield=True):
+                reason = session.reason or TerminationReason.ERROR
+                try:
+                    await self._call(self._store.terminate(session.id, reason, self._clock.wall()))
+                except Exception as exc:
+                    logger.warning("could not record the end of session %s: %s", session.id,
+                                   exc, extra={"session_id": session.id})  # fmt: skip
+            return
+        session._sync = _Stored(ready=ready)
+        session._sync.epoch = _epoch(self._store)
+
+    def ready(self, session: Session) -> None:
+        st = _stored(session)
+        if st is not None and not st.ready_written:
+            self._unready[session] = None
+            self._wake_flusher.set()
+
+    def activity(self, session: Session) -> None:
+        if session._sync is not None:
+            self._dirty[session] = None
+
+    # -- naming a handle ----------------------------------------------------------------
+
+    async def resolve(self, digest: str, principal: str) -> Session:
+        store = self._store
+        local = self._registry.by_hash(digest)
+        epoch = _epoch(store)
+        known: int | None = None
+        if local is not None and local.principal == principal and local.live:
+            st = _stored(local)
+            if st is not None and epoch is not None and st.epoch == epoch:
+                self._validated("ok")  # nothing written elsewhere since we last looked
+                return local
+            known = local._version
+        record = await self._call(_load_by_hash(store, digest, known))
+        if record is None or record.principal != principal or record.kind != "handle":
+            return self._resolve_here(digest, principal)
+        if record.live:
+            due, cutoff = self._due(record, self._registry.by_hash(digest))
+            if due is not None:
+                ended = await self._call(store.expire(record.id, cutoff))
+                fresh = await self._call(store.load(record.id))
+                if fresh is not None:
+                    record = fresh
+                elif ended is not None:
+                    self._validated("gone")
+                    raise gone(record.id, ended)
+        local = self._registry.by_hash(digest)  # may have changed while we awaited
+        if not record.live:
+            if local is not None and local.live:
+                self._ended_elsewhere(local, record.termination_reason)
+            self._validated("gone")
+            raise gone(record.id, record.termination_reason)
+        if local is not None and not local.live:
+            self._validated("gone")  # ending here; the store hears of it shortly
+            raise gone(local.id, local.reason)
+        if local is None:
+            local = await self._bring_in(record, digest)
+        else:
+            self._take_in(local, record)
+        st = _stored(local)
+        if st is not None:
+            st.epoch = epoch
+        while local.state is _S.INITIALIZING:
+            # Another call is bringing it in: let it finish.
+            if local._ready is None:
+                local._ready = trio.Event()
+            await local._ready.wait()
+        if not local.live:
+            self._validated("gone")
+            raise gone(local.id, local.reason)
+        self._validated("ok")
+        return local
+
+    async def _bring_in(self, record: SessionRecord, digest: str) -> Session:
+        """A live stored session this process does not hold: adopt it."""
+        tomb = self._registry.tombstone_by_hash(digest)
+        if tomb is not None and tomb.reason is not TerminationReason.SHUTDOWN:
+            # It ended here while the store could not be told; tell it now.
+            reason = tomb.reason or TerminationReason.CLOSED
+            ended = await self._call(self._store.terminate(tomb.id, reason, self._clock.wall()))
+            self._validated("gone")
+            raise gone(tomb.id, ended or reason)
+        return await self._adopt(record)
+
+    def _due(
+        self, record: SessionRecord, local: Session | None
+    ) -> tuple[TerminationReason | None, float]:
+        """Whether a live stored session is due now, counting this process's own unwritten
+        use, and the cutoff to ask the store to expire it at (the idle bound allows
+        the grace; the stores take one cutoff for both bounds)."""
+        now = self._clock.wall()
+        last_active = record.last_active
+        if local is not None and local.live:
+            if local.in_flight:
+                return None, now
+            last_active = max(last_active, self._clock.wall_at(local.last_active_time))
+        due = _expiry.due(
+            now,
+            expires_at=record.expires_at,
+            idle_since=last_active if record.state == LIVE else None,
+            idle_timeout=record.idle_timeout,
+            grace=self.idle_grace,
+        )
+        if due is TerminationReason.IDLE_TIMEOUT:
+            return due, now - self.idle_grace
+        return due, now
+
+    def adopted(self, session: Session, record: SessionRecord) -> None:
+        """Take a session the supervisor brought in from ``record``."""
+        session._sync = _Stored(requests=record.requests, errors=record.errors)
+        session._doc, session._version = dict(record.doc), record.version
+
+    def _take_in(self, session: Session, record: SessionRecord) -> None:
+        """What other processes did: a newer document, later activity."""
+        if getattr(record, "doc_loaded", True) and record.version > session._version:
+            session._doc, session._version = dict(record.doc), record.version
+        elsewhere = min(self._clock.trio_at(record.last_active), trio.current_time())
+        Requests.saw_activity(session, elsewhere)
+        self._lifecycle.used_elsewhere(session, elsewhere)
+
+    def _ended_elsewhere(self, session: Session, reason: TerminationReason | None) -> None:
+        st = _stored(session)
+        if st is not None:
+            st.end_written = True
+        self._lifecycle.end_as_told(session, reason)
+
+    # -- patches and ends -------------------------------------------------------------
+
+    async def patch(
+        self, session: Session, patch: Mapping[str, Any], if_version: int | None
+    ) -> int:
+        session.check_live()
+        if _stored(session) is None:
+            # Not recorded yet (its setup hook is running): the record will carry it.
+            return _patch_here(session, patch, if_version)
+        try:
+            version, doc = await self._call(
+                self._store.patch_state(
+                    session.id, patch, if_version=if_version, at=self._clock.wall()
+                )
+            )
+        except SessionGone as exc:
+            self._ended_elsewhere(session, exc.reason)
+            raise
+        if version > session._version:
+            session._doc, session._version = doc, version
+        return version
+
+    async def closing(self, session: Session, reason: TerminationReason) -> None:
+        st = _stored(session)
+        if st is None or st.end_written or not session.live:
+            return
+        touch = self._take_touch(session, st)
+        try:
+            ended = await self._call(
+                self._store.terminate(session.id, reason, self._clock.wall(), touch)
+            )
+        except Exception:
+            self._give_back(session, st, touch)
+            if reason is TerminationReason.CLOSED:
+                raise
+            logger.warning("store unavailable; ending session %s locally only", session.id,
+                           extra={"session_id": session.id})  # fmt: skip
+            return
+        st.end_written = True
+        if ended is not None and ended is not reason and session.live:
+            self._lifecycle.end_as_told(session, ended)  # it had ended elsewhere: that stands
+
+    async def ended(self, session: Session) -> None:
+        st = _stored(session)
+        self._dirty.pop(session, None)
+        self._unready.pop(session, None)
+        if st is None or st.end_written:
+            return
+        reason = session.reason or TerminationReason.ERROR
+        touch = self._take_touch(session, st)
+        store = self._store
+        keep = reason is TerminationReason.SHUTDOWN and session.kind is SessionKind.HANDLE
+        with trio.move_on_after(self._settings.teardown_timeout):
+            try:
+                if keep and store.durable:
+                    await self._call(store.touch([touch]))  # kept: it resumes after a restart
+                else:
+                    await self._call(store.terminate(session.id, reason, self._clock.wall(), touch))
+                st.end_written = True
+            except Exception as exc:  # never keep the session from finishing
+                logger.warning("could not record the end of session %s: %s", session.id, exc,
+                               extra={"session_id": session.id})  # fmt: skip
+
+    # -- activity --------------------------------------------------------------------
+
+    def _take_touch(self, session: Session, st: _Stored) -> Touch:
+        """The session's unwritten activity, counted as written from now on.
+
+        Taking it moves the baseline at once, so two writers in flight never
+        send the same increments twice; one that fails gives it back.
+        """
+        self._dirty.pop(session, None)
+        last = trio.current_time() if session.in_flight else session.last_active_time
+        touch = Touch(
+            session.id,
+            self._clock.wall_at(last),
+            session.requests - st.flushed_requests,
+            session.errors - st.flushed_errors,
+        )
+        st.flushed_requests = session.requests
+        st.flushed_errors = session.errors
+        return touch
+
+    def _give_back(self, session: Session, st: _Stored, touch: Touch) -> None:
+        st.flushed_requests -= touch.requests
+        st.flushed_errors -= touch.errors
+        if session.live:
+            self._dirty[session] = None
+
+    async def _flush_touches(self) -> None:
+        """Write the coalesced activity of every dirty session, in one batch."""
+        pairs = [(s, st) for s in self._dirty if (st := _stored(s)) and not st.end_written]
+        self._dirty.clear()
+        if not pairs:
+            return
+        touches = [self._take_touch(s, st) for s, st in pairs]
+        try:
+            await self._call(self._store.touch(touches))
+        except Exception as exc:
+            logger.warning("could not write session activity: %s", exc)
+            for (s, st), t in zip(pairs, touches, strict=True):  # again next time
+                self._give_back(s, st, t)
+            return
+        for s, _ in pairs:
+            if s.in_flight and s.live:  # a long request keeps its session fresh in the store
+                self._dirty[s] = None
+
+    async def _write_ready(self) -> None:
+        for session in list(self._unready):
+            st = _stored(session)
+            if st is None or not session.live:
+                self._unready.pop(session, None)
+                continue
+            try:
+                await self._call(self._store.mark_ready(session.id, self._clock.wall()))
+            except Exception as exc:
+                logger.warning("could not record session %s as ready (will retry): %s",
+                               session.id, exc, extra={"session_id": session.id})  # fmt: skip
+                return
+            st.ready_written = True
+            self._unready.pop(session, None)
+
+    async def flush(self) -> None:
+        if self._dirty:
+            await self._flush_touches()
+
+    async def _flusher(self) -> None:
+        interval = self._settings.touch_interval
+        next_touch = trio.current_time() + interval
+        while True:
+            with trio.move_on_at(next_touch):
+                await self._wake_flusher.wait()
+            self._wake_flusher = trio.Event()
+            if self._unready:
+                await self._write_ready()
+            if trio.current_time() >= next_touch:
+                next_touch = trio.current_time() + interval
+                if self._dirty:
+                    await self._flush_touches()
+
+    # -- expiry ----------------------------------------------------------------------
+
+    def confirm_expiry(self, session: Session) -> bool:
+        st = _stored(session)
+        if st is None or st.end_written:
+            return True
+        self._expiring.append(session)
+        self._wake_reconciler.set()
+        return False
+
+    async def _reconciler(self) -> None:
+        """Confirm expiries with the store, which knows about use in other processes."""
+        while True:
+            if not self._expiring:
+                await self._wake_reconciler.wait()
+                self._wake_reconciler = trio.Event()
+            batch, self._expiring = self._expiring, []
+            for session in batch:
+                if session.live:
+                    await self._reconcile(session)
+                    self._lifecycle.reschedule(session)  # never left unscheduled
+
+    async def _reconcile(self, session: Session) -> None:
+        local = self._lifecycle.due(session, trio.current_time())
+        if local is None:
+            return
+        st = _stored(session)
+        assert st is not None
+        store = self._store
+        cutoff = self._clock.wall()
+        if local is TerminationReason.IDLE_TIMEOUT:
+            cutoff -= self.idle_grace
+        try:
+            reason = await self._call(store.expire(session.id, cutoff))
+            if reason is None:
+                record = await self._call(store.load(session.id))
+                if record is not None and record.live:
+                    self._take_in(session, record)  # used elsewhere meanwhile: wait again
+                    return
+                reason = record.termination_reason if record is not None else local
+            st.end_written = True
+        except Exception as exc:
+            if not isinstance(exc, StoreUnavailable):
+                self._metrics.cleanup_errors += 1
+                logger.exception("cleanup failed for session %s", session.id,
+                                 extra={"session_id": session.id})  # fmt: skip
+            # The store could not confirm. If it is still due here, end it here;
+            # the store's sweep ends the record when it can.
+            reason = self._lifecycle.due(session, trio.current_time())
+            if reason is None:
+                return
+        if session.live:
+            self._lifecycle.end_as_told(session, reason or local)
+
+    async def _sweeper(self) -> None:
+        """End stored sessions whose deadline passed (opened anywhere); purge old records."""
+        store = self._store
+        while True:
+            await trio.sleep(self._settings.sweep_interval)
+            try:
+                if self._dirty:
+                    await self._flush_touches()  # our own recent use first
+                now = self._clock.wall()
+                ended = await self._call(store.sweep(now - self.idle_grace))
+                for session_id, reason in ended:
+                    session = self._registry.get(session_id)
+                    if session is not None and session.live:
+                        self._ended_elsewhere(session, reason)
+                await self._call(store.purge(now - self._settings.tombstone_retention))
+            except Exception as exc:
+                self._metrics.cleanup_errors += 1
+                logger.warning("store sweep failed: %s", exc)
+
+    # -- reading ---------------------------------------------------------------------
+
+    async def list_records(self, principal: str) -> list[SessionRecord]:
+        return await self._call(self._store.list_by_principal(principal))
+
+    async def health(self) -> StoreHealth:
+        health = await self._store.health()
+        self.error = None if health.ok else health.error
+        return health
