@@ -264,7 +264,8 @@ class _Stored:
 
 def _epoch(store: SessionStore) -> int | None:  # TEMP until the stores land change_epoch
     fn = getattr(store, "change_epoch", None)
-    return fn() if fn is not None else None  # type: ignore[no-any-return]
+    value = fn() if fn is not None else None
+    return value if isinstance(value, int) else None
 
 
 async def _load_by_hash(
