@@ -154,8 +154,7 @@ class ObserverDispatcher:
         finally:
             self._done.set()
 
-    async def aclose(self, timeout: float) -> None:
-        """Stop taking events and wait (up to ``timeout``) for the queued ones to go out."""
+    async def aclose(self) -> None:
+        """Stop taking events and wait for the queued ones to go out (bound it from outside)."""
         await self._send.aclose()
-        with trio.move_on_after(timeout):
-            await self._done.wait()
+        await self._done.wait()

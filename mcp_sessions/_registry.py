@@ -160,9 +160,9 @@ class Registry:
         while fifo and fifo[0][0] <= now:
             _, session_id = fifo.popleft()
             tomb = self._tombstones.pop(session_id, None)
-            if tomb is not None and tomb.handle_hash is not None:
-                if self._tombstones_by_hash.get(tomb.handle_hash) is tomb:
-                    del self._tombstones_by_hash[tomb.handle_hash]
+            hashed = tomb.handle_hash if tomb is not None else None
+            if hashed is not None and self._tombstones_by_hash.get(hashed) is tomb:
+                del self._tombstones_by_hash[hashed]
 
     # -- invariants ------------------------------------------------------------------
 

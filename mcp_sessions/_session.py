@@ -151,7 +151,7 @@ class Session:
     thousands of them.
     """
 
-    __slots__ = (
+    __slots__ = (  # noqa: RUF023 (grouped by writer, not sorted)
         # identity: set once, here
         "_owner",
         "client",

@@ -37,11 +37,13 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
 import trio
 
+from . import _expiry
 from ._errors import SessionError, SessionNotFound, VersionConflict, gone
 from ._jsonmerge import merge_patch
 from ._state import TerminationReason
@@ -54,6 +56,7 @@ __all__ = [
     "SessionStore",
     "StoreError",
     "StoreHealth",
+    "StoreStatistics",
     "StoreUnavailable",
     "Touch",
 ]
@@ -96,6 +99,9 @@ class SessionRecord:
     state: str = LIVE
     reason: str | None = None
     doc: Mapping[str, Any] = attrs.field(factory=dict)
+    #: False when the caller already had this version's document (``known_version``):
+    #: then ``doc`` is ``{}`` and must be ignored.
+    doc_loaded: bool = True
     version: int = 0
     created_at: float
     last_active: float
@@ -117,14 +123,19 @@ class SessionRecord:
             return TerminationReason.ERROR
 
     def due(self, now: float) -> TerminationReason | None:
-        """The reason this live session should end at wall time ``now``, if any."""
+        """The reason this live session should end at wall time ``now``, if any.
+
+        The one rule of :func:`mcp_sessions._expiry.due`: a stored session can
+        idle out only in state ``idle``, counted from ``last_active``.
+        """
         if not self.live:
             return None
-        if self.expires_at <= now:
-            return TerminationReason.LIFETIME_EXCEEDED
-        if self.state == LIVE and self.last_active + self.idle_timeout <= now:
-            return TerminationReason.IDLE_TIMEOUT
-        return None
+        return _expiry.due(
+            now,
+            expires_at=self.expires_at,
+            idle_since=self.last_active if self.state == LIVE else None,
+            idle_timeout=self.idle_timeout,
+        )
 
 
 @attrs.frozen
@@ -152,6 +163,34 @@ class StoreHealth:
     schema_version: int | None = None
 
 
+def _frozen_counts(counts: Mapping[str, int]) -> Mapping[str, int]:
+    return MappingProxyType(dict(counts))
+
+
+@attrs.frozen(kw_only=True)
+class StoreStatistics:
+    """A snapshot of a store's work since it was created (see :meth:`SessionStore.statistics`)."""
+
+    #: Calls made, by operation name (``"patch_state"``, ``"load_by_hash"``, ...).
+    operations: Mapping[str, int] = attrs.field(factory=dict, converter=_frozen_counts)
+    #: Transactions committed (round trips to the database that did work). With
+    #: group commit, concurrent operations share one; the in-memory store counts
+    #: every call as one.
+    transactions: int = 0
+    #: Of :attr:`transactions`, those that wrote (took the database's write lock).
+    write_transactions: int = 0
+    #: Transactions that failed as a whole (every operation in them raised
+    #: :class:`StoreUnavailable`).
+    failed_transactions: int = 0
+    #: The most operations committed in one transaction.
+    largest_batch: int = 0
+    #: Reads answered without a worker hop (SQLite: on the calling thread's
+    #: read-only connection). Not counted in :attr:`transactions`.
+    direct_reads: int = 0
+    #: Operations waiting for a transaction right now.
+    queued: int = 0
+
+
 @runtime_checkable
 class SessionStore(Protocol):
     """What every backend does. All methods are async and safe to call from any task."""
@@ -170,11 +209,19 @@ class SessionStore(Protocol):
     async def create(self, record: SessionRecord) -> None:
         """Insert a new record (committed when this returns)."""
 
-    async def load(self, session_id: str) -> SessionRecord | None:
-        """The record with this public id, or None (also for an undecodable row)."""
+    async def load(
+        self, session_id: str, *, known_version: int | None = None
+    ) -> SessionRecord | None:
+        """The record with this public id, or None (also for an undecodable row).
 
-    async def load_by_hash(self, handle_hash: str) -> SessionRecord | None:
-        """The record with this handle hash, or None."""
+        When the stored version equals ``known_version`` the document is not
+        sent: the record has ``doc_loaded=False`` and an empty ``doc``.
+        """
+
+    async def load_by_hash(
+        self, handle_hash: str, *, known_version: int | None = None
+    ) -> SessionRecord | None:
+        """The record with this handle hash, or None; ``known_version`` as in :meth:`load`."""
 
     async def mark_ready(self, session_id: str, at: float) -> None:
         """``initializing`` -> ``idle`` (a connection session finished its handshake)."""
@@ -228,12 +275,28 @@ class SessionStore(Protocol):
     async def health(self) -> StoreHealth:
         """Reachability and round-trip latency. Never raises."""
 
+    def change_epoch(self) -> int | None:
+        """A number that changes when records may have been written by anyone else.
+
+        Synchronous and cheap: it never waits for a lock or a thread. The
+        number differs from the one the previous call returned whenever
+        another process, or another store object on the same database, may
+        have committed a write since; writes made through this store object
+        do not change it. ``None`` means the backend cannot tell cheaply (read
+        every time). A change may be a false alarm; an unchanged number is a
+        promise.
+        """
+
+    def statistics(self) -> StoreStatistics:
+        """Counters of the work done so far (operations, transactions, batches)."""
+
 
 class MemoryStore:
     """The in-process backend: the reference implementation of the contract.
 
     Not durable and not shared: fine for tests and for a single process that
-    may forget its sessions on restart.
+    may forget its sessions on restart. Every call counts as one transaction
+    in :meth:`statistics`.
     """
 
     backend = "memory"
@@ -242,6 +305,26 @@ class MemoryStore:
     def __init__(self) -> None:
         self._records: dict[str, SessionRecord] = {}
         self._by_hash: dict[str, str] = {}
+        self._operations: dict[str, int] = {}
+        self._writes = 0
+
+    def _count(self, name: str, *, write: bool = False) -> None:
+        self._operations[name] = self._operations.get(name, 0) + 1
+        self._writes += write
+
+    def statistics(self) -> StoreStatistics:
+        calls = sum(self._operations.values())
+        return StoreStatistics(
+            operations=self._operations,
+            transactions=calls,
+            write_transactions=self._writes,
+            largest_batch=min(calls, 1),
+        )
+
+    def change_epoch(self) -> int | None:
+        # Shared in tests by runtimes standing for separate processes, and reads
+        # cost nothing: callers read every time.
+        return None
 
     async def open(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -251,26 +334,40 @@ class MemoryStore:
 
     async def create(self, record: SessionRecord) -> None:
         await trio.lowlevel.checkpoint()
+        self._count("create", write=True)
         if record.id in self._records or (
             record.handle_hash is not None and record.handle_hash in self._by_hash
         ):
             raise StoreError(f"duplicate session {record.id}")
-        self._records[record.id] = _frozen_copy(record)
+        self._records[record.id] = _frozen_copy(attrs.evolve(record, doc_loaded=True))
         if record.handle_hash is not None:
             self._by_hash[record.handle_hash] = record.id
 
-    async def load(self, session_id: str) -> SessionRecord | None:
-        await trio.lowlevel.checkpoint()
-        record = self._records.get(session_id)
-        return _frozen_copy(record) if record is not None else None
+    def _get(self, session_id: str | None, known_version: int | None) -> SessionRecord | None:
+        record = self._records.get(session_id) if session_id is not None else None
+        if record is None:
+            return None
+        if known_version is not None and record.version == known_version:
+            return _frozen_copy(record, with_doc=False)
+        return _frozen_copy(record)
 
-    async def load_by_hash(self, handle_hash: str) -> SessionRecord | None:
+    async def load(
+        self, session_id: str, *, known_version: int | None = None
+    ) -> SessionRecord | None:
         await trio.lowlevel.checkpoint()
-        session_id = self._by_hash.get(handle_hash)
-        return await self.load(session_id) if session_id is not None else None
+        self._count("load")
+        return self._get(session_id, known_version)
+
+    async def load_by_hash(
+        self, handle_hash: str, *, known_version: int | None = None
+    ) -> SessionRecord | None:
+        await trio.lowlevel.checkpoint()
+        self._count("load_by_hash")
+        return self._get(self._by_hash.get(handle_hash), known_version)
 
     async def mark_ready(self, session_id: str, at: float) -> None:
         await trio.lowlevel.checkpoint()
+        self._count("mark_ready", write=True)
         record = self._records.get(session_id)
         if record is not None and record.state == INITIALIZING:
             self._records[session_id] = attrs.evolve(record, state=LIVE, last_active=at)
@@ -279,6 +376,7 @@ class MemoryStore:
         self, session_id: str, reason: TerminationReason, at: float, touch: Touch | None = None
     ) -> TerminationReason | None:
         await trio.lowlevel.checkpoint()
+        self._count("terminate", write=True)
         record = self._records.get(session_id)
         if record is None:
             return None
@@ -293,6 +391,7 @@ class MemoryStore:
 
     async def expire(self, session_id: str, now: float) -> TerminationReason | None:
         await trio.lowlevel.checkpoint()
+        self._count("expire", write=True)
         record = self._records.get(session_id)
         reason = record.due(now) if record is not None else None
         if record is None or reason is None:
@@ -306,6 +405,7 @@ class MemoryStore:
         self, session_id: str, patch: Mapping[str, Any], *, if_version: int | None, at: float
     ) -> tuple[int, dict[str, Any]]:
         await trio.lowlevel.checkpoint()
+        self._count("patch_state", write=True)
         record = self._records.get(session_id)
         if record is None:
             raise SessionNotFound()
@@ -322,6 +422,7 @@ class MemoryStore:
 
     async def touch(self, touches: Sequence[Touch]) -> None:
         await trio.lowlevel.checkpoint()
+        self._count("touch", write=True)
         for t in touches:
             record = self._records.get(t.id)
             if record is not None and record.live:
@@ -331,6 +432,7 @@ class MemoryStore:
         self, principal: str, *, include_terminated: bool = False
     ) -> list[SessionRecord]:
         await trio.lowlevel.checkpoint()
+        self._count("list_by_principal")
         found = [
             _frozen_copy(r)
             for r in self._records.values()
@@ -340,11 +442,13 @@ class MemoryStore:
 
     async def list_recent(self, limit: int = 20) -> list[SessionRecord]:
         await trio.lowlevel.checkpoint()
+        self._count("list_recent")
         ordered = sorted(self._records.values(), key=lambda r: (-r.last_active, r.id))
-        return [_frozen_copy(r) for r in ordered[:limit]]
+        return [_frozen_copy(r) for r in ordered[: max(0, limit)]]
 
     async def counts(self) -> dict[tuple[str, str], int]:
         await trio.lowlevel.checkpoint()
+        self._count("counts")
         result: dict[tuple[str, str], int] = {}
         for r in self._records.values():
             result[(r.state, r.kind)] = result.get((r.state, r.kind), 0) + 1
@@ -352,6 +456,7 @@ class MemoryStore:
 
     async def sweep(self, now: float, limit: int = 1000) -> list[tuple[str, TerminationReason]]:
         await trio.lowlevel.checkpoint()
+        self._count("sweep", write=True)
         ended: list[tuple[str, TerminationReason]] = []
         for record in list(self._records.values()):
             if len(ended) >= limit:
@@ -366,6 +471,7 @@ class MemoryStore:
 
     async def purge(self, before: float) -> int:
         await trio.lowlevel.checkpoint()
+        self._count("purge", write=True)
         doomed = [
             r
             for r in self._records.values()
@@ -380,6 +486,7 @@ class MemoryStore:
     async def health(self) -> StoreHealth:
         start = time.perf_counter()
         await trio.lowlevel.checkpoint()
+        self._count("health")
         return StoreHealth(backend=self.backend, ok=True, latency_s=time.perf_counter() - start)
 
 
@@ -392,12 +499,13 @@ def _apply_touch(record: SessionRecord, touch: Touch) -> SessionRecord:
     )
 
 
-def _frozen_copy(record: SessionRecord) -> SessionRecord:
+def _frozen_copy(record: SessionRecord, *, with_doc: bool = True) -> SessionRecord:
     # Records are frozen, but their mappings are not: hand out deep copies so
     # a caller can never change what the store holds.
     return attrs.evolve(
         record,
         client=copy.deepcopy(dict(record.client)),
         metadata=copy.deepcopy(dict(record.metadata)),
-        doc=copy.deepcopy(dict(record.doc)),
+        doc=copy.deepcopy(dict(record.doc)) if with_doc else {},
+        doc_loaded=with_doc,
     )

@@ -210,7 +210,8 @@ class Supervisor:
         with trio.move_on_after(self.settings.teardown_timeout):
             await self._sync.flush()
         if self._observers is not None:
-            await self._observers.aclose(self.settings.teardown_timeout)
+            with trio.move_on_after(self.settings.teardown_timeout):
+                await self._observers.aclose()
         self._nursery.cancel_scope.cancel()
         await self._stopped.wait()
 

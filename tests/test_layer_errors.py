@@ -13,11 +13,11 @@ import trio
 from mcp.client.client import Client
 from mcp.server.mcpserver import MCPServer
 
-from mcp_sessions import Settings, current_session, serve_stdio
+from mcp_sessions import Settings, current_session
 from mcp_sessions._store import MemoryStore, StoreUnavailable
 
-from ._wire import line_transport
 from .e2e_server import count
+from .test_layer import serve_in_process
 
 _STORE_OPS = {"create", "load", "load_by_hash", "terminate", "patch_state", "touch", "expire",
               "list_by_principal", "mark_ready"}  # fmt: skip
@@ -58,19 +58,8 @@ def make_server() -> MCPServer[Any]:
 async def connect(
     store: MemoryStore, mode: str, settings: Settings | None = None
 ) -> AsyncIterator[Client]:
-    a, b = trio.socket.socketpair()
-    client_end, server_end = trio.SocketStream(a), trio.SocketStream(b)
-    server = make_server()
-    async with client_end, server_end, trio.open_nursery() as nursery:
-
-        async def serve() -> None:
-            await serve_stdio(server, store=store, principal="alice", settings=settings,
-                              stdin=server_end, stdout=server_end)  # fmt: skip
-
-        nursery.start_soon(serve)
-        async with Client(line_transport(client_end), mode=mode) as client:  # type: ignore[arg-type]
-            yield client
-        await client_end.send_eof()
+    async with serve_in_process(make_server(), mode, store=store, settings=settings) as client:
+        yield client
 
 
 def code(result: Any) -> str:
@@ -84,7 +73,7 @@ async def test_a_session_error_in_a_tool_body_keeps_its_code() -> None:
     store = FlakyStore()
     with trio.fail_after(20):
         async with connect(store, "legacy") as client:
-            handle = (await client.call_tool("session_open", {})).structured_content["session"]  # type: ignore[index]
+            handle = (await client.call_tool("session_open", {})).structured_content["session"]
             assert (await client.call_tool("count", {"session": handle})).structured_content == {
                 "result": 1
             }
