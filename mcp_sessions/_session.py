@@ -185,6 +185,7 @@ class Session:
         "_doc",
         "_sync",
         "_version",
+        "__weakref__",  # so users (and tests) can see a session is gone
     )
 
     def __init__(

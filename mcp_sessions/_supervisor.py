@@ -641,11 +641,13 @@ class Supervisor:
                 # Cancelled from outside (the supervisor itself is being
                 # cancelled) rather than terminated: end it as a shutdown.
                 self._lifecycle.terminate(session, TerminationReason.SHUTDOWN)
-            with trio.CancelScope(shield=True):
-                await self._sync.ended(session)
-                if not session._torn_down:
-                    session._torn_down = True
-                    await self._hooks.teardown(session)
+            if self._sync.has_end_to_write(session) or self.hooks.teardown is not None:
+                with trio.CancelScope(shield=True):
+                    await self._sync.ended(session)
+                    if not session._torn_down:
+                        session._torn_down = True
+                        await self._hooks.teardown(session)
+            session._torn_down = True
             self._finish(session)
 
     def _stop_session(self, session: Session) -> None:

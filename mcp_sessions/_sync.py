@@ -130,6 +130,10 @@ class StoreSync(Protocol):
         """About to end ``session`` on request: record it first (may raise for ``closed``)."""
         ...
 
+    def has_end_to_write(self, session: Session) -> bool:
+        """Whether :meth:`ended` has anything to do for this session."""
+        ...
+
     async def ended(self, session: Session) -> None:
         """The session's task is finishing: write its end (bounded; never raises)."""
         ...
@@ -225,6 +229,9 @@ class LocalSync(_Base):
     async def closing(self, session: Session, reason: TerminationReason) -> None:
         pass
 
+    def has_end_to_write(self, session: Session) -> bool:
+        return False
+
     async def ended(self, session: Session) -> None:
         pass
 
@@ -248,9 +255,18 @@ class LocalSync(_Base):
 class _Stored:
     """What the store knows of one session (``Session._sync`` under :class:`DurableSync`)."""
 
-    __slots__ = ("end_written", "epoch", "flushed_errors", "flushed_requests", "ready_written")
+    __slots__ = (
+        "closing",
+        "end_written",
+        "epoch",
+        "flushed_errors",
+        "flushed_requests",
+        "ready_written",
+    )
 
     def __init__(self, *, requests: int = 0, errors: int = 0, ready: bool = True) -> None:
+        #: Set while one caller writes a close; the others wait for it.
+        self.closing: trio.Event | None = None
         #: The store already has this session's end.
         self.end_written = False
         #: The store's change epoch when the session was last checked against it.
@@ -272,7 +288,7 @@ async def _load_by_hash(
     store: SessionStore, digest: str, known: int | None
 ) -> SessionRecord | None:
     try:  # TEMP until the stores land known_version
-        return await store.load_by_hash(digest, known_version=known)  # type: ignore[call-arg]
+        return await store.load_by_hash(digest, known_version=known)
     except TypeError:
         return await store.load_by_hash(digest)
 
@@ -497,8 +513,19 @@ class DurableSync(_Base):
 
     async def closing(self, session: Session, reason: TerminationReason) -> None:
         st = _stored(session)
-        if st is None or st.end_written or not session.live:
+        while st is not None and not st.end_written and session.live:
+            if st.closing is not None:
+                await st.closing.wait()  # another close is writing; then look again
+                continue
+            st.closing = trio.Event()
+            try:
+                await self._write_close(session, st, reason)
+            finally:
+                st.closing.set()
+                st.closing = None
             return
+
+    async def _write_close(self, session: Session, st: _Stored, reason: TerminationReason) -> None:
         touch = self._take_touch(session, st)
         try:
             ended = await self._call(
@@ -514,6 +541,9 @@ class DurableSync(_Base):
         st.end_written = True
         if ended is not None and ended is not reason and session.live:
             self._lifecycle.end_as_told(session, ended)  # it had ended elsewhere: that stands
+
+    def has_end_to_write(self, session: Session) -> bool:
+        return session._sync is not None or session in self._dirty or session in self._unready
 
     async def ended(self, session: Session) -> None:
         st = _stored(session)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -750,3 +752,83 @@ async def test_session_ended_during_setup_is_reported_not_a_runtime_error(
             with pytest.raises(SessionClosed):
                 await sup.create_session(principal="a")
         assert sup.live_count == 0
+
+
+# -- regressions of runtime v2 -----------------------------------------------------------
+
+
+async def test_many_tasks_may_wait_for_one_session_to_end(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def teardown(session: Session, reason: TerminationReason) -> None:
+        await trio.sleep(1)
+
+    async with open_supervisor(hooks=Hooks(teardown=teardown)) as sup:
+        session, _ = await sup.open_handle_session(principal="alice")
+        done: list[int] = []
+
+        async def close(i: int) -> None:
+            await sup.close(session)
+            done.append(i)
+
+        async def wait(i: int) -> None:
+            await sup.wait_terminated(session)
+            done.append(i)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(close, i)
+                nursery.start_soon(wait, 10 + i)
+        assert sorted(done) == [0, 1, 2, 10, 11, 12]
+        assert session.state is SessionState.TERMINATED
+
+
+async def test_many_tasks_may_wait_for_one_session_to_be_ready(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_supervisor() as sup:
+        session = await sup.create_session(
+            kind=SessionKind.CONNECTION, principal="alice", ready=False
+        )
+        entered: list[int] = []
+
+        async def use(i: int) -> None:
+            async with sup.request(session):
+                entered.append(i)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(use, i)
+            await trio.sleep(1)
+            sup.mark_ready(session)
+        assert sorted(entered) == [0, 1, 2]
+
+
+async def test_a_closed_session_is_released_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Nothing in the runtime keeps an ended session (or its document) alive."""
+    settings = Settings(idle_timeout=1e9, max_lifetime=1e9)
+    async with open_supervisor(settings) as sup:
+        refs = []
+        for _ in range(20):
+            session, _ = await sup.open_handle_session(principal="alice")
+            await session.patch_state({"blob": "x" * 100_000})
+            await sup.close(session)
+            refs.append(weakref.ref(session))
+            del session
+        gc.collect()
+        assert [r for r in refs if r() is not None] == []
+        sup.check_invariants()
+
+
+async def test_stale_deadline_entries_stay_bounded(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    settings = Settings(idle_timeout=5, max_sessions=10_000, max_sessions_per_principal=10_000)
+    async with open_supervisor(settings) as sup:
+        for _ in range(3000):
+            session, _ = await sup.open_handle_session(principal="alice")
+            await sup.close(session)
+        assert sup.live_count == 0
+        assert sup.scheduled_deadlines <= 1024

@@ -57,9 +57,9 @@ class DurableMemoryStore(MemoryStore):
         self._check("create")
         await super().create(record)
 
-    async def load_by_hash(self, handle_hash: str) -> Any:
+    async def load_by_hash(self, handle_hash: str, **kwargs: Any) -> Any:
         self._check("load_by_hash", write=False)
-        return await super().load_by_hash(handle_hash)
+        return await super().load_by_hash(handle_hash, **kwargs)
 
     async def terminate(self, *args: Any, **kwargs: Any) -> Any:
         self._check("terminate")
@@ -351,8 +351,8 @@ class SlowStore(DurableMemoryStore):
         await self._slow("terminate")
         return await super().terminate(*args, **kwargs)
 
-    async def load_by_hash(self, handle_hash: str) -> Any:
-        result = await super().load_by_hash(handle_hash)
+    async def load_by_hash(self, handle_hash: str, **kwargs: Any) -> Any:
+        result = await super().load_by_hash(handle_hash, **kwargs)
         await self._slow("load_by_hash")  # the answer arrives late
         return result
 
@@ -513,4 +513,94 @@ async def test_session_created_during_shutdown_is_refused_and_not_left_live(
             await trio.sleep(0.5)
             await sup.shutdown(grace=0)
     assert isinstance(outcome.get("error"), ShuttingDown)
-    assert all(not r.live for r in store._records.values())
+    assert not await store.list_by_principal("a")
+
+
+# -- the handle path (runtime v2) ------------------------------------------------------
+
+
+async def test_handle_calls_write_coalesced_not_once_per_call(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """1000 calls naming a handle, as the server makes them: resolve, then a request."""
+    store = DurableMemoryStore()
+    async with process(store) as sup:
+        _, handle = await sup.open_handle_session(principal="alice")
+        before = sum(store.writes.values())
+        for _ in range(1000):
+            session = await sup.resolve_handle(handle, "alice")
+            async with sup.request(session):
+                await trio.sleep(0.01)  # 1000 calls over 10 s
+        await trio.sleep(SETTINGS.touch_interval + 1)
+        writes = sum(store.writes.values()) - before
+        record = await stored(store, session.id)
+    assert writes <= 10, store.writes  # one touch per touch_interval, not one per call
+    assert record.requests == 1000
+
+
+async def test_concurrent_resolves_of_a_handle_opened_elsewhere_share_one_session(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = SlowStore()
+
+    async def resume(session: Session) -> None:
+        await trio.sleep(1)  # every resolver arrives while the first brings it in
+
+    async with process(store) as a, process(store, hooks=Hooks(resume=resume)) as b:
+        _, handle = await a.open_handle_session(principal="alice")
+        got: list[Session] = []
+
+        async def use() -> None:
+            got.append(await b.resolve_handle(handle, "alice"))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(use)
+        assert len(got) == 5
+        assert len({id(s) for s in got}) == 1
+        assert got[0].state is S.IDLE
+        assert b.live_count == 1
+
+
+async def test_concurrent_closes_of_one_session_all_return(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def teardown(session: Session, reason: R) -> None:
+        await trio.sleep(1)  # the closers wait together
+
+    store = DurableMemoryStore()
+    async with process(store, hooks=Hooks(teardown=teardown)) as sup:
+        session, _ = await sup.open_handle_session(principal="alice")
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(sup.close, session)
+        assert session.state is S.TERMINATED
+        assert (await stored(store, session.id)).reason == "closed"
+        assert store.writes["terminate"] == 1
+
+
+async def test_a_handle_call_reads_the_store_once_and_skips_the_document_it_has(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Without change detection (MemoryStore), one read per call, without the document."""
+    calls: list[dict[str, Any]] = []
+
+    class Counting(DurableMemoryStore):
+        async def load_by_hash(self, handle_hash: str, **kwargs: Any) -> Any:
+            calls.append(kwargs)
+            return await super().load_by_hash(handle_hash, **kwargs)
+
+    store = Counting()
+    async with process(store) as a, process(store) as b:
+        session, handle = await a.open_handle_session(principal="alice")
+        await session.patch_state({"big": "x" * 1000})
+        calls.clear()
+        for _ in range(3):
+            await a.resolve_handle(handle, "alice")
+        assert len(calls) == 3
+        assert all(c.get("known_version") == 1 for c in calls)
+        other = await b.resolve_handle(handle, "alice")
+        await other.patch_state({"n": 2})
+        again = await a.resolve_handle(handle, "alice")  # b's patch is seen
+        assert again.state_document() == {"big": "x" * 1000, "n": 2}
+        assert again.version == 2

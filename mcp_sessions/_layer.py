@@ -1,0 +1,278 @@
+"""The session layer: one ``ServerMiddleware`` that runs every request in its session.
+
+Theory of operation
+===================
+
+A :class:`SessionLayer` serves one ``MCPServer`` with one :class:`Supervisor`
+for one principal. The transport driver (``_stdio``) opens a connection with
+:meth:`SessionLayer.connection` around the SDK's loop: a context variable then
+names the connection in every task the loop starts (one stdio stream is one
+connection), and the connection's session ends with ``disconnected`` when the
+block exits. For each request on a connection of its own, the layer:
+
+- handshake era: creates the connection session at ``initialize`` (it stays
+  INITIALIZING until ``notifications/initialized``), and runs every request on
+  the connection inside ``supervisor.request(session)``;
+- modern era (2026-07-28): no connection session; each request stands alone;
+- ``tools/call``: if the tool declares a ``session`` parameter, resolves it
+  (a handle, or in the handshake era the connection session when omitted) and
+  runs the tool inside that session's request scope, with
+  :func:`~mcp_sessions.current_session` set. Failures become tool execution
+  errors with ``{"error": {"code", "message"}}``.
+
+Who owns what: the layer owns its connections (era, connection session) and
+is the only writer of the request context variables in ``_context``; the
+supervisor owns the sessions; the SDK owns the tasks the requests run in.
+
+Which tools declare ``session`` is read from the server's public
+``list_tools()`` into :class:`_SessionParams`, never per call: when serving
+starts (:meth:`SessionLayer.refresh_tools`), whenever a client lists the tools
+(``tools/list``), and whenever a call names a tool the map has not seen. The
+SDK does not tell anyone when a tool is added or removed, so:
+
+- a tool added while serving is found on its first call;
+- a tool *replaced* under a name the map knows (``remove_tool`` then
+  ``add_tool``) is seen after the next ``tools/list``: the protocol's way to
+  announce it is ``notifications/tools/list_changed``, and a client that gets
+  one lists the tools again. Until then calls use the old declaration.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import attrs
+import trio
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp.server.mcpserver import MCPServer
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+
+from ._context import (
+    capture_errors,
+    in_session,
+    is_tool_error,
+    log_request,
+    log_session,
+    serving,
+    tool_error,
+    with_code,
+)
+from ._errors import SessionError, SessionNotFound, SessionRequired
+from ._runtime import ClientInfo, Session, SessionKind, Supervisor
+from ._state import SessionState, TerminationReason
+
+__all__ = ["SessionLayer"]
+
+logger = logging.getLogger("mcp_sessions.server")
+
+SessionParam = Literal["required", "optional"]
+
+
+@attrs.define
+class _Connection:
+    """One stream: its era once decided, and its connection session (handshake era)."""
+
+    layer: SessionLayer
+    era: str | None = None
+    session: Session | None = None
+
+
+_connection_var: contextvars.ContextVar[_Connection | None] = contextvars.ContextVar(
+    "mcp_sessions_connection", default=None
+)
+
+
+class _SessionParams:
+    """Tool name -> whether it declares a ``session`` parameter, from ``list_tools()``."""
+
+    def __init__(self, server: MCPServer[Any]) -> None:
+        self._server = server
+        self._by_name: dict[str, SessionParam | None] = {}
+
+    async def refresh(self) -> None:
+        # One new dict, swapped in whole: a lookup never sees half a map.
+        self._by_name = {
+            tool.name: _session_param(tool.input_schema) for tool in await self._server.list_tools()
+        }
+
+    async def lookup(self, name: object) -> SessionParam | None:
+        """``"required"``/``"optional"`` if the tool declares ``session``, else ``None``."""
+        if not isinstance(name, str):
+            return None
+        if name not in self._by_name:  # a tool added since the last refresh, or no such tool
+            await self.refresh()
+        return self._by_name.get(name)
+
+
+def _session_param(schema: Mapping[str, Any]) -> SessionParam | None:
+    properties = schema.get("properties")
+    if not isinstance(properties, Mapping) or "session" not in properties:
+        return None
+    required = schema.get("required")
+    return "required" if isinstance(required, list) and "session" in required else "optional"
+
+
+class SessionLayer:
+    """The session middleware for one ``MCPServer`` and one :class:`Supervisor`."""
+
+    def __init__(self, server: MCPServer[Any], supervisor: Supervisor, principal: str) -> None:
+        self.server = server
+        self.supervisor = supervisor
+        self.principal = principal
+        self._params = _SessionParams(server)
+
+    async def refresh_tools(self) -> None:
+        """Re-read which of the server's tools declare a ``session`` parameter.
+
+        The layer does it when serving starts, on every ``tools/list``, and
+        when a call names a tool it has not seen.
+        """
+        await self._params.refresh()
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[None]:
+        """Requests in the block are on one new connection; at exit its session ends.
+
+        Wrap the SDK loop serving one stream in it: every task the loop starts
+        inherits the connection.
+        """
+        connection = _Connection(self)
+        token = _connection_var.set(connection)
+        try:
+            yield
+        finally:
+            _connection_var.reset(token)
+            with trio.CancelScope(shield=True):
+                await self.disconnect(connection)
+
+    async def __call__(
+        self, ctx: ServerRequestContext[Any, Any], call_next: CallNext
+    ) -> HandlerResult:
+        connection = _connection_var.get()
+        if connection is None or connection.layer is not self:  # not a connection we serve
+            return await call_next(ctx)
+        method = ctx.method
+        if ctx.request_id is None:
+            result = await call_next(ctx)
+            if method == "notifications/initialized":
+                self._initialized(connection)
+            return result
+        modern = ctx.protocol_version in MODERN_PROTOCOL_VERSIONS and method != "initialize"
+        if connection.era is None:
+            connection.era = "modern" if modern else "handshake"
+        if method == "initialize":
+            await self._open_connection_session(connection, ctx.params or {})
+        with serving(self.supervisor, self.principal), log_request(ctx.request_id):
+            if method == "tools/call":
+                return await self._call_tool(ctx, call_next, connection, modern)
+            if method == "tools/list":  # what the client sees, the layer knows
+                await self._params.refresh()
+            session = connection.session if not modern else None
+            if session is None or not session.live:
+                return await call_next(ctx)
+            with log_session(session.id):
+                async with self.supervisor.request(session):
+                    result = await call_next(ctx)
+                return result
+
+    async def _call_tool(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        call_next: CallNext,
+        connection: _Connection,
+        modern: bool,
+    ) -> HandlerResult:
+        params = ctx.params or {}
+        try:
+            session = await self._target(
+                params.get("name"), params.get("arguments"), connection, modern
+            )
+        except SessionError as exc:
+            return tool_error(exc)
+        with capture_errors() as raised:  # what the tool's body raised, via our helpers
+            if session is None:
+                return with_code(await call_next(ctx), raised)
+            return await self._call_in_session(ctx, call_next, session, raised)
+
+    async def _call_in_session(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        call_next: CallNext,
+        session: Session,
+        raised: list[SessionError],
+    ) -> HandlerResult:
+        with log_session(session.id):
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("tool call %r", (ctx.params or {}).get("name"))
+            try:
+                async with self.supervisor.request(session) as scope:
+                    with in_session(session, self.supervisor):
+                        result = with_code(await call_next(ctx), raised)
+                    if is_tool_error(result):
+                        scope.mark_failed()
+                return result
+            except SessionError as exc:  # refused on entry, or ended while running
+                return tool_error(exc)
+
+    async def _target(
+        self, name: object, arguments: object, connection: _Connection, modern: bool
+    ) -> Session | None:
+        """The session a tool call runs in, or ``None``; raises the tool error to return."""
+        param = await self._params.lookup(name)
+        if param is None:
+            # Still a request on the connection, for accounting.
+            session = connection.session if not modern else None
+            return session if session is not None and session.live else None
+        handle = arguments.get("session") if isinstance(arguments, dict) else None
+        if handle is not None:
+            if not isinstance(handle, str) or not handle:
+                raise SessionNotFound()
+            return await self.supervisor.resolve_handle(handle, self.principal)
+        if modern or connection.session is None or param == "required":
+            raise SessionRequired()
+        return self.supervisor.get(connection.session.id)
+
+    async def _open_connection_session(
+        self, connection: _Connection, params: Mapping[str, Any]
+    ) -> None:
+        if connection.session is not None:
+            return
+        info = params.get("clientInfo")
+        info = info if isinstance(info, dict) else {}
+        caps = params.get("capabilities")
+        client = ClientInfo(
+            name=_str_or_none(info.get("name")),
+            version=_str_or_none(info.get("version")),
+            protocol_version=_str_or_none(params.get("protocolVersion")),
+            capabilities=caps if isinstance(caps, dict) else {},
+        )
+        try:
+            connection.session = await self.supervisor.create_session(
+                kind=SessionKind.CONNECTION, principal=self.principal, client=client, ready=False
+            )
+        except SessionError as exc:
+            # A limit or a store outage must not make the connection unusable:
+            # serve it without a connection session (tools that need one say so).
+            logger.warning("serving this connection without a session: %s", exc)
+            return
+        logger.info("connection session opened for client %s", client.name or "?",
+                    extra={"session_id": connection.session.id})  # fmt: skip
+
+    def _initialized(self, connection: _Connection) -> None:
+        session = connection.session
+        if session is not None and session.state is SessionState.INITIALIZING:
+            self.supervisor.mark_ready(session)
+
+    async def disconnect(self, connection: _Connection) -> None:
+        """The stream ended: end its connection session with ``disconnected``."""
+        session = connection.session
+        if session is not None and session.live:
+            await self.supervisor.close(session, TerminationReason.DISCONNECTED)
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None

@@ -1,0 +1,184 @@
+"""The six built-in session tools, and how they are installed on a server.
+
+Theory of operation
+===================
+
+Each tool is a plain SDK tool function; the session layer does the work
+around it. The tools that take a ``session`` parameter run inside that
+session's request scope and read it with :func:`current_session`;
+``session_open`` and ``session_list`` need no session and read the runtime
+and principal serving the request with :func:`served`. A tool never raises a
+session error: it returns it as a tool execution error with its code.
+
+They own nothing: the supervisor owns the sessions they open, close and
+change. :func:`install_session_tools` registers them through the public
+``MCPServer.add_tool``, skipping any name the server already lists (a second
+install, or a user's own tool of that name, which wins).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from mcp.server.mcpserver import MCPServer
+from mcp_types import CallToolResult
+from pydantic import Field
+
+from ._context import current_session, iso, served, tool_error, tool_result
+from ._errors import SessionError, gone
+from ._runtime import SessionSnapshot
+from ._state import TerminationReason
+from ._store import LIVE, SessionRecord
+
+__all__ = ["SESSION_TOOLS", "install_session_tools"]
+
+_Handle = Annotated[
+    str | None,
+    Field(description="A session handle from session_open; optional on a handshake-era connection"),
+]
+
+
+async def session_open(
+    idle_timeout_s: Annotated[
+        float | None, Field(gt=0, description="Idle timeout in seconds (default: server's)")
+    ] = None,
+    metadata: Annotated[
+        dict[str, Any] | None, Field(description="Free-form JSON kept with the session")
+    ] = None,
+) -> CallToolResult:
+    """Open a session and return its secret handle. Pass the handle as `session` to later calls."""
+    caller = served()
+    try:
+        session, handle = await caller.supervisor.open_handle_session(
+            principal=caller.principal, metadata=metadata, idle_timeout=idle_timeout_s
+        )
+    except SessionError as exc:
+        return tool_error(exc)
+    times = _snapshot_times(session.snapshot())
+    return tool_result(
+        {
+            "session": handle,
+            "id": session.id,
+            "state": times["state"],
+            "idle_timeout_s": times["idle_timeout_s"],
+            "expires_at": times["expires_at"],
+        }
+    )
+
+
+async def session_close(
+    session: Annotated[str, Field(description="The handle of the session to close")],
+) -> CallToolResult:
+    """Close a session: cancel its work and forget its handle."""
+    ctx = current_session()
+    try:
+        await ctx.supervisor.close(ctx.session, TerminationReason.CLOSED)
+    except SessionError as exc:  # store_unavailable: the session stays open
+        return tool_error(exc)
+    if ctx.session.reason is not TerminationReason.CLOSED:
+        return tool_error(gone(ctx.session.id, ctx.session.reason))  # it had ended otherwise
+    return tool_result({"id": ctx.session.id, "state": "terminated", "reason": "closed"})
+
+
+async def session_info(session: _Handle = None) -> CallToolResult:
+    """Describe a session: state, times, counters and state version."""
+    ctx = current_session()
+    snap = ctx.session.snapshot()
+    data = _snapshot_times(snap)
+    data.update(requests=snap.requests, errors=snap.errors, version=snap.version)
+    return tool_result(data)
+
+
+async def session_list() -> CallToolResult:
+    """List the caller's live sessions (public ids only, never handles)."""
+    caller = served()
+    try:
+        records = await caller.supervisor.list_records(caller.principal)
+    except SessionError as exc:
+        return tool_error(exc)
+    return tool_result({"sessions": [_record_summary(r) for r in records]})
+
+
+async def session_state_get(
+    session: _Handle = None,
+    keys: Annotated[
+        list[str] | None, Field(description="Only these top-level keys (default: all)")
+    ] = None,
+) -> CallToolResult:
+    """Read the session's JSON state document and its version."""
+    ctx = current_session()
+    doc = ctx.state
+    if keys is not None:
+        doc = {k: doc[k] for k in keys if k in doc}
+    return tool_result({"state": doc, "version": ctx.version})
+
+
+async def session_state_patch(
+    patch: Annotated[
+        dict[str, Any], Field(description="An RFC 7386 JSON Merge Patch; null deletes a member")
+    ],
+    session: _Handle = None,
+    if_version: Annotated[
+        int | None, Field(description="Apply only if the state is still at this version")
+    ] = None,
+) -> CallToolResult:
+    """Change the session's JSON state with a merge patch; returns the new version."""
+    ctx = current_session()
+    try:
+        version = await ctx.patch(patch, if_version=if_version)
+    except SessionError as exc:
+        return tool_error(exc)
+    return tool_result({"version": version})
+
+
+_TOOLS = (
+    session_open,
+    session_close,
+    session_info,
+    session_list,
+    session_state_get,
+    session_state_patch,
+)
+
+#: Names of the built-in tools (a contract: see the README).
+SESSION_TOOLS: tuple[str, ...] = tuple(fn.__name__ for fn in _TOOLS)
+
+
+async def install_session_tools(server: MCPServer[Any]) -> None:
+    """Register the built-in session tools on ``server`` (idempotent).
+
+    ``add_tool`` keeps an existing tool of the same name, but logs a warning;
+    asking ``list_tools()`` first keeps a second install (every connection of
+    a shared server installs) quiet.
+    """
+    present = {tool.name for tool in await server.list_tools()}
+    for fn in _TOOLS:
+        if fn.__name__ not in present:
+            server.add_tool(fn, name=fn.__name__, structured_output=False)
+
+
+def _snapshot_times(snap: SessionSnapshot) -> dict[str, Any]:
+    expires = snap.idle_expires_at if snap.idle_expires_at is not None else snap.expires_at
+    return {
+        "id": snap.id,
+        "kind": snap.kind.value,
+        "state": snap.state.value,
+        "created_at": iso(snap.created_at),
+        "last_active": iso(snap.last_active),
+        "idle_timeout_s": snap.idle_timeout,
+        "expires_at": iso(min(expires, snap.expires_at)),
+    }
+
+
+def _record_summary(record: SessionRecord) -> dict[str, Any]:
+    idle_end = record.last_active + record.idle_timeout if record.state == LIVE else None
+    expires = min(record.expires_at, idle_end) if idle_end is not None else record.expires_at
+    return {
+        "id": record.id,
+        "kind": record.kind,
+        "state": record.state,
+        "created_at": iso(record.created_at),
+        "last_active": iso(record.last_active),
+        "idle_timeout_s": record.idle_timeout,
+        "expires_at": iso(expires),
+    }
