@@ -79,6 +79,10 @@ class HookRunner:
         self._setup_timeout = setup_timeout
         self._teardown_timeout = teardown_timeout
 
+    def has_setup(self, session: Session) -> bool:
+        """Whether :meth:`setup` has a hook to run for this session."""
+        return (self.hooks.resume if session.resumed else self.hooks.setup) is not None
+
     async def setup(self, session: Session) -> bool:
         """Run ``setup`` (or ``resume``); False if it raised or timed out."""
         name = "resume" if session.resumed else "setup"

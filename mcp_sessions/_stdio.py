@@ -25,6 +25,7 @@ logs go to stderr.
 
 from __future__ import annotations
 
+import gc
 import getpass
 import logging
 import os
@@ -185,6 +186,11 @@ def run_stdio(server: MCPServer[Any], **kwargs: Any) -> None:
     if overrides:
         base = kwargs.pop("settings", None) or Settings()
         kwargs["settings"] = Settings.from_mapping({**base.to_mapping(), **overrides})
+    # Start-up is over (imports, the server and its tools): keep what exists now
+    # out of the cyclic collector's full passes, which otherwise rescan it for
+    # every few thousand sessions created (CPython's advice for long-lived servers).
+    gc.collect()
+    gc.freeze()
     try:
         trio.run(_run, server, kwargs)
     except KeyboardInterrupt:  # a SIGINT before our handler was installed

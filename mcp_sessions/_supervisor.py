@@ -624,7 +624,11 @@ class Supervisor:
         try:
             async with trio.open_nursery() as nursery:
                 session._nursery = nursery
-                if session.live and not await self._hooks.setup(session):
+                if (
+                    session.live
+                    and self._hooks.has_setup(session)
+                    and not await self._hooks.setup(session)
+                ):
                     self._lifecycle.terminate(session, TerminationReason.ERROR)
                 started = True
                 task_status.started()

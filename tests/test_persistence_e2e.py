@@ -303,3 +303,31 @@ async def test_postgres_outage_gives_store_unavailable_and_recovers(pg_url: str)
             health = await client.read_resource("sessions://health")
             assert '"status": "ok"' in health.contents[0].text  # type: ignore[union-attr]
         nursery.cancel_scope.cancel()
+
+
+async def test_concurrent_calls_on_a_handle_opened_by_another_process(shared_url: str) -> None:
+    """Many calls naming one handle at once, in a process that has not seen it yet: the first
+    brings it in, the rest wait for it. The same path end to end as the in-process
+    ``test_concurrent_resolves_of_a_handle_opened_elsewhere_share_one_session``, which pins
+    the waiters' crash of issue 7 deterministically (here it depended on timing)."""
+    async with connect(shared_url, "legacy") as first, connect(shared_url, "auto") as second:
+        handle = ok(await first.call_tool("session_open", {}))["session"]
+        ok(await first.call_tool("session_state_patch", {"session": handle, "patch": {"n": 1}}))
+        results: list[Any] = []
+
+        async def get() -> None:
+            results.append(await second.call_tool("session_state_get", {"session": handle}))
+
+        async def patch(i: int) -> None:
+            args = {"session": handle, "patch": {f"k{i}": i}}
+            results.append(await second.call_tool("session_state_patch", args))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(10):
+                nursery.start_soon(get)
+                nursery.start_soon(patch, i)
+        assert len(results) == 20
+        assert all(not r.is_error for r in results), [r for r in results if r.is_error]
+        final = ok(await first.call_tool("session_state_get", {"session": handle}))
+        assert final["version"] == 11
+        assert final["state"] == {"n": 1, **{f"k{i}": i for i in range(10)}}

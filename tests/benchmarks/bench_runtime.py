@@ -3,7 +3,7 @@
 Run: ``python tests/benchmarks/bench_runtime.py [--sessions N]``. Prints human
 lines, then as its last line one JSON object with the figures.
 
-Goals (issue 2): ``kib_per_session <= 8``; ``sessions_per_s >= 0.5 *
+Goals (issue 7): ``kib_per_session <= 8``; ``sessions_per_s >= 0.8 *
 bare_nursery_per_s`` (a bare ``nursery.start`` loop of tasks that each hold a
 nursery, the same count, in the same run); ``expire_100k_s <= 2``;
 ``scan_tick_ms_100k <= 1``.
@@ -132,6 +132,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sessions", type=int, default=100_000)
     args = parser.parse_args(argv)
     n = args.sessions
+    # As run_stdio does once start-up is over: what exists now stays out of the
+    # cyclic collector's full passes (the same for the runtime and the bare loop).
+    gc.collect()
+    gc.freeze()
     clock = trio.testing.MockClock()
     figures: dict[str, Any] = {"sessions": n}
     figures.update(trio.run(runtime_figures, n, clock=clock))
