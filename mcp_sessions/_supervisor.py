@@ -57,6 +57,7 @@ from ._lifecycle import Lifecycle
 from ._metrics import RuntimeMetrics, RuntimeStatistics, render_prometheus
 from ._registry import Registry, Tombstone
 from ._requests import Requests, RequestScope
+from ._scanner import Scanner
 from ._session import (
     LIVE_STATES,
     NO_CLIENT,
@@ -72,6 +73,7 @@ from ._settings import LimitPolicy, Settings
 from ._state import SessionState, TerminationReason
 from ._store import SessionRecord, SessionStore, StoreHealth
 from ._sync import DurableSync, LocalSync, StoreSync
+from ._tasks import SessionTasks
 
 __all__ = ["Supervisor", "open_supervisor"]
 
@@ -114,7 +116,7 @@ class Supervisor:
             schedule=self._schedule,
             metrics=metrics,
             wall_clock=wall_clock,
-            on_terminating=self._stop_session,
+            on_terminating=self._on_terminating,
             emit=self._observers.emit if self._observers is not None else None,
         )
         self._hooks = HookRunner(
@@ -138,13 +140,29 @@ class Supervisor:
             )
             lifecycle.idle_grace = durable.idle_grace
             self._sync = durable
-        self._requests = Requests(lifecycle, metrics, self._sync.activity)
+        self._requests = requests = Requests(lifecycle, metrics, self._sync.activity)
+        self._tasks = SessionTasks(
+            lifecycle=lifecycle,
+            requests=requests,
+            hooks=self._hooks,
+            sync=self._sync,
+            metrics=metrics,
+            finished=self._finish,
+        )
+        self._scanner = Scanner(
+            schedule=self._schedule,
+            registry=registry,
+            lifecycle=lifecycle,
+            sync=self._sync,
+            metrics=metrics,
+            clock=clock,
+            interval=settings.cleanup_interval,
+        )
         self._nursery: trio.Nursery | None = None
         self._admitting = False
         self._stopping = False
         self._stopped = trio.Event()
         self._empty: trio.Event | None = None  # set when the registry empties
-        self._last_cleanup: float | None = None
 
     # -- running -------------------------------------------------------------------------
 
@@ -159,7 +177,7 @@ class Supervisor:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._scanner, name="mcp_sessions.scanner")
+                nursery.start_soon(self._scanner.run, name="mcp_sessions.scanner")
                 for name, task in self._sync.tasks():
                     nursery.start_soon(task, name=name)
                 if self._observers is not None:
@@ -361,12 +379,7 @@ class Supervisor:
         name: str | None = None,
     ) -> None:
         """Run ``fn(*args)`` in the session's nursery; see :meth:`Session.start_soon`."""
-        session.check_live()
-        assert session._nursery is not None
-        session._background += 1
-        session._nursery.start_soon(
-            self._guard_background, session, fn, args, name=name or _task_name(fn)
-        )
+        self._tasks.start_background(session, fn, args, name)
 
     # -- lookup --------------------------------------------------------------------------
 
@@ -503,10 +516,18 @@ class Supervisor:
         """Prometheus text exposition of :meth:`statistics`."""
         return render_prometheus(self.statistics())
 
+    def scan_once(self) -> int:
+        """One cleanup tick now: end what is due, purge old tombstones. Returns sessions ended.
+
+        A session that the store must confirm (it may be in use in another
+        process) is handed to the store synchronisation and not counted.
+        """
+        return self._scanner.tick(trio.current_time())
+
     @property
     def last_cleanup(self) -> float | None:
         """Wall-clock time of the last scanner tick."""
-        return self._last_cleanup
+        return self._scanner.last_run
 
     def check_invariants(self) -> None:
         """Raise AssertionError if any of the runtime's invariants does not hold.
@@ -564,7 +585,7 @@ class Supervisor:
         # Register before the first checkpoint, so limits see the slot taken.
         self._registry.add(session)
         self._lifecycle.created(session)
-        await nursery.start(self._session_task, session, name=f"mcp_sessions.session.{session.id}")
+        await nursery.start(self._tasks.run, session, name=f"mcp_sessions.session.{session.id}")
         if not session.live:
             await self.wait_terminated(session)
             raise self._ended_during_creation(session)
@@ -614,58 +635,8 @@ class Supervisor:
             )
         return gone(session.id, session.reason)
 
-    # -- internals: the session task ---------------------------------------------------------
-
-    async def _session_task(
-        self, session: Session, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Hold the session's nursery from creation until it is TERMINATED."""
-        started = False
-        try:
-            async with trio.open_nursery() as nursery:
-                session._nursery = nursery
-                if (
-                    session.live
-                    and self._hooks.has_setup(session)
-                    and not await self._hooks.setup(session)
-                ):
-                    self._lifecycle.terminate(session, TerminationReason.ERROR)
-                started = True
-                task_status.started()
-                if session.live:
-                    await _park(session)
-                if session._background:
-                    nursery.cancel_scope.cancel()
-        finally:
-            if not started:
-                # Ended (or cancelled) while its setup ran: the creator still hears
-                # back, and sees the session ending.
-                task_status.started()
-            if session.live:
-                # Cancelled from outside (the supervisor itself is being
-                # cancelled) rather than terminated: end it as a shutdown.
-                self._lifecycle.terminate(session, TerminationReason.SHUTDOWN)
-            if self._sync.has_end_to_write(session) or self.hooks.teardown is not None:
-                with trio.CancelScope(shield=True):
-                    await self._sync.ended(session)
-                    if not session._torn_down:
-                        session._torn_down = True
-                        await self._hooks.teardown(session)
-            session._torn_down = True
-            self._finish(session)
-
-    def _stop_session(self, session: Session) -> None:
-        """The lifecycle's ``on_terminating``: cancel its requests, wake its task."""
-        self._requests.cancel(session)
-        parked = session._parked
-        if parked is not None:
-            # The usual case: the task is parked with nothing to cancel but its
-            # own wait. Waking it is far cheaper than a cancellation.
-            session._parked = None
-            trio.lowlevel.reschedule(parked)
-        nursery = session._nursery
-        if nursery is not None and (parked is None or session._background):
-            nursery.cancel_scope.cancel()
+    def _on_terminating(self, session: Session) -> None:
+        self._tasks.stop(session)
 
     def _finish(self, session: Session) -> None:
         """TERMINATING -> TERMINATED: leave a tombstone and drop out of the registry."""
@@ -675,76 +646,6 @@ class Supervisor:
         if not len(self._registry) and self._empty is not None:
             self._empty.set()
             self._empty = None
-
-    async def _guard_background(
-        self, session: Session, fn: Callable[..., Awaitable[object]], args: tuple[object, ...]
-    ) -> None:
-        try:
-            await fn(*args)
-        except Exception:
-            logger.exception("background task %s of session %s failed", _task_name(fn),
-                             session.id, extra={"session_id": session.id})  # fmt: skip
-            self._metrics.background_errors += 1
-            self._lifecycle.terminate(session, TerminationReason.ERROR)
-        finally:
-            session._background -= 1
-
-    # -- internals: the scanner -----------------------------------------------------------
-
-    async def _scanner(self) -> None:
-        # Tick on the grid of multiples of the interval (the schedule's buckets).
-        interval = self.settings.cleanup_interval
-        while True:
-            now = trio.current_time()
-            tick = (now // interval + 1) * interval
-            if tick <= now:  # float rounding: never wake up at the same instant again
-                tick = (now // interval + 2) * interval
-            await trio.sleep_until(tick)
-            self.scan_once()
-
-    def scan_once(self) -> int:
-        """One cleanup tick: end what is due, purge old tombstones. Returns sessions ended.
-
-        Costs O(entries due), not O(live sessions). A session found due that
-        the store must confirm (it may be in use in another process) is
-        handed to the store synchronisation and not counted here.
-        """
-        now = trio.current_time()
-        self._metrics.cleanup_runs += 1
-        self._last_cleanup = self._clock.wall()
-        lifecycle, registry, sync = self._lifecycle, self._registry, self._sync
-        ended = 0
-        for session_id in self._schedule.pop_due(now):
-            session = registry.get(session_id)
-            if session is None:
-                continue
-            try:
-                reason = lifecycle.due(session, now)
-                if reason is None:
-                    lifecycle.reschedule(session)  # the entry was early
-                elif sync.confirm_expiry(session):
-                    ended += lifecycle.expire(session, reason)
-            except Exception:
-                self._metrics.cleanup_errors += 1
-                logger.exception("cleanup failed for session %s", session.id,
-                                 extra={"session_id": session.id})  # fmt: skip
-        registry.purge_tombstones(now)
-        return ended
-
-
-async def _park(session: Session) -> None:
-    """Sleep until the supervisor wakes us (or we are cancelled)."""
-    session._parked = trio.lowlevel.current_task()
-
-    def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-        session._parked = None
-        return trio.lowlevel.Abort.SUCCEEDED
-
-    await trio.lowlevel.wait_task_rescheduled(abort)
-
-
-def _task_name(fn: Callable[..., object]) -> str:
-    return getattr(fn, "__qualname__", None) or repr(fn)
 
 
 @contextlib.asynccontextmanager
