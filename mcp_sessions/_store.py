@@ -25,6 +25,12 @@ winner's reason. :meth:`SessionStore.sweep` ends every session whose idle or
 absolute deadline has passed the same way, so several processes may sweep at
 once.
 
+Two cheap questions spare callers round trips: :meth:`SessionStore.change_epoch`
+says (synchronously, without I/O that can wait) whether anyone else may have
+written since it was last asked, and ``known_version`` leaves out a document
+the caller already holds. :meth:`SessionStore.statistics` counts operations
+and the transactions they shared.
+
 Every backend implements :class:`SessionStore`; one contract test suite
 (``tests/test_store_contract.py``) runs against all of them. Failures to reach
 the store raise :class:`StoreUnavailable` (tool error ``store_unavailable``)
@@ -173,9 +179,9 @@ class StoreStatistics:
 
     #: Calls made, by operation name (``"patch_state"``, ``"load_by_hash"``, ...).
     operations: Mapping[str, int] = attrs.field(factory=dict, converter=_frozen_counts)
-    #: Transactions committed (round trips to the database that did work). With
-    #: group commit, concurrent operations share one; the in-memory store counts
-    #: every call as one.
+    #: Transactions run to completion (committed; or rolled back because their
+    #: only operation failed). With group commit, concurrent operations share
+    #: one; the in-memory store counts every call as one.
     transactions: int = 0
     #: Of :attr:`transactions`, those that wrote (took the database's write lock).
     write_transactions: int = 0
@@ -187,7 +193,8 @@ class StoreStatistics:
     #: Reads answered without a worker hop (SQLite: on the calling thread's
     #: read-only connection). Not counted in :attr:`transactions`.
     direct_reads: int = 0
-    #: Operations waiting for a transaction right now.
+    #: Operations in the queue right now, waiting for a transaction (including
+    #: any whose caller gave up, until a worker drops them unrun).
     queued: int = 0
 
 

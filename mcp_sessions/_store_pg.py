@@ -3,13 +3,29 @@
 Theory of operation
 ===================
 
-``psycopg`` 3 with a synchronous :class:`psycopg_pool.ConnectionPool`, driven
-from trio worker threads (no trio-native PostgreSQL driver is maintained); a
-:class:`trio.CapacityLimiter` of ``max_size`` keeps at most one thread per
-pooled connection. Every operation is one transaction on one pooled
-connection. Patches lock their row (``SELECT ... FOR UPDATE``); the sweep
-claims due rows with ``FOR UPDATE SKIP LOCKED`` so concurrent sweepers split
-the work and each session is ended exactly once.
+``psycopg`` 3 with a synchronous :class:`psycopg_pool.ConnectionPool` (no
+trio-native PostgreSQL driver is maintained), driven by group commit
+(:mod:`._sql_worker`): ``max_size`` worker threads, one per pooled connection,
+each take everything queued and run it as one transaction per hop, every
+operation in its own savepoint. Writes of a hop are ordered by session id, so
+two hops lock rows in the same order; a deadlock or serialisation failure
+that happens anyway is retried (the whole transaction was rolled back). Patches
+lock their row (``SELECT ... FOR UPDATE``); the sweep claims due rows with
+``FOR UPDATE SKIP LOCKED`` so concurrent sweepers split the work and each
+session is ended exactly once.
+
+Why threads per connection rather than psycopg's pipeline mode: every
+operation is a read-modify-write with Python between its statements (a patch
+reads the document, merges, writes), so a pipeline could not overlap the
+statements of one operation, and an error in a pipeline aborts everything
+queued behind it up to the next sync point, which fights the per-operation
+savepoints that keep one caller's failure from failing the others. Threads
+per connection keep PostgreSQL's row-level concurrency (hops on different
+connections run in parallel) and group commit still shares each transaction
+and its WAL flush among every operation that arrived meanwhile.
+
+Change detection (:meth:`PostgresStore.change_epoch`) is not offered: it
+returns None, so a caller reads the record on each use (one round trip).
 
 Bounded failure: the pool checks a connection on checkout (a dead one, e.g.
 after a server restart, is replaced), connecting gives up after
@@ -28,27 +44,24 @@ connections' ``search_path``: several independent stores can share a database.
 from __future__ import annotations
 
 import re
-import threading
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import psycopg
 import psycopg_pool
 import trio
+from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
+from ._sql_dialect import Dialect
+from ._sql_schema import apply_migrations
+from ._sql_worker import Transactions
 from ._store import StoreUnavailable
-from ._store_sql import (
-    DUE,
-    REASON,
-    Dialect,
-    SQLStoreBase,
-    redact_url,
-)
+from ._store_sql import SQLStoreBase
+from ._store_url import redact_url
 
 __all__ = ["PostgresStore"]
-
-T = TypeVar("T")
 
 POSTGRES = Dialect(
     name="postgresql",
@@ -57,11 +70,62 @@ POSTGRES = Dialect(
     json_param=Jsonb,
     json_type="JSONB",
     for_update=" FOR UPDATE",
+    skip_locked=" FOR UPDATE SKIP LOCKED",
     greatest="GREATEST",
     id_collation='COLLATE "C"',
+    multi_statement=True,
 )
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+class _PoolTransactions(Transactions):
+    """A pooled connection per hop; psycopg opens the transaction at the first statement."""
+
+    def __init__(
+        self, pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]], store: PostgresStore
+    ) -> None:
+        self._pool = pool
+        self._store = store
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        with self._pool.connection(timeout=self._store.op_timeout) as conn:
+            yield conn
+
+    def begin(self, conn: Any, cur: Any, write: bool) -> None:
+        pass  # psycopg begins a transaction with the first statement
+
+    def commit(self, conn: Any, cur: Any, write: bool) -> None:
+        conn.commit()
+
+    def rollback(self, conn: Any) -> None:
+        if not conn.closed:
+            conn.rollback()
+
+    def usable(self, conn: Any) -> bool:
+        return bool(conn.info.transaction_status == TransactionStatus.INTRANS)
+
+    def op_failed(self, exc: Exception) -> bool:
+        # Lost connections, timeouts, deadlocks, a read-only server: the transaction.
+        # Constraint, value and statement errors: the operation (after its savepoint).
+        return not isinstance(
+            exc,
+            psycopg.OperationalError
+            | psycopg.InterfaceError
+            | psycopg.InternalError
+            | psycopg_pool.PoolTimeout,
+        )
+
+    def retryable(self, exc: Exception) -> bool:
+        return isinstance(exc, psycopg.errors.TransactionRollback)
+
+    def failure(self, exc: BaseException) -> Exception:
+        if isinstance(exc, Exception):
+            mapped = self._store._map_error(exc)
+            if mapped is not None:
+                return StoreUnavailable(str(mapped))
+        return StoreUnavailable(f"{self._store._where} unavailable: {exc!r}")
 
 
 class PostgresStore(SQLStoreBase):
@@ -94,7 +158,8 @@ class PostgresStore(SQLStoreBase):
         self._where = f"postgresql store {redact_url(dsn)}" + (
             f" (schema {schema})" if schema else ""
         )
-        self._limiter = trio.CapacityLimiter(max_size)
+        super().__init__()
+        self._lifecycle = trio.Lock()
         self._pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] | None = None
 
     def __repr__(self) -> str:
@@ -117,17 +182,6 @@ class PostgresStore(SQLStoreBase):
             "tcp_user_timeout": int(max(self.op_timeout, self.connect_timeout) * 1000),
         }
 
-    def _in_thread(self, fn: Callable[[Any], T], write: bool, abandoned: threading.Event) -> T:
-        pool = self._pool
-        if pool is None:
-            raise StoreUnavailable(f"{self._where} is not open")
-        with pool.connection(timeout=self.op_timeout) as conn, conn.cursor() as cur:
-            result = fn(cur)
-            if abandoned.is_set():
-                # The caller was told StoreUnavailable: roll back rather than commit.
-                raise StoreUnavailable(f"{self._where}: operation abandoned after its timeout")
-            return result
-
     def _map_error(self, exc: Exception) -> Exception | None:
         if isinstance(exc, psycopg_pool.PoolTimeout):
             return StoreUnavailable(
@@ -142,16 +196,6 @@ class PostgresStore(SQLStoreBase):
     def _is_duplicate(self, exc: BaseException) -> bool:
         return isinstance(exc, psycopg.errors.UniqueViolation)
 
-    def _sweep_sql(self) -> tuple[str, Callable[[float, int], tuple[Any, ...]]]:
-        sql = (
-            f"WITH due AS (SELECT id FROM sessions WHERE {DUE} ORDER BY created_at, id "
-            "LIMIT %s FOR UPDATE SKIP LOCKED) "
-            f"UPDATE sessions SET state = 'terminated', reason = {REASON}, terminated_at = %s "
-            "FROM due WHERE sessions.id = due.id AND sessions.state <> 'terminated' "
-            "RETURNING sessions.id, sessions.reason"
-        )
-        return sql, lambda now, limit: (now, now, limit, now, now)
-
     # -- lifecycle ---------------------------------------------------------
 
     def _migrate(self, cur: Any) -> None:
@@ -162,9 +206,9 @@ class PostgresStore(SQLStoreBase):
         )
         if self.schema:
             cur.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
-        self._apply_migrations(cur)
+        apply_migrations(cur, self.dialect, self._where)
 
-    def _open_sync(self) -> None:
+    def _open_sync(self) -> psycopg_pool.ConnectionPool[psycopg.Connection[Any]]:
         pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] = psycopg_pool.ConnectionPool(
             self.dsn,
             kwargs=self._connect_kwargs(),
@@ -182,15 +226,30 @@ class PostgresStore(SQLStoreBase):
         except BaseException:
             pool.close(timeout=1.0)
             raise
-        self._pool = pool
+        return pool
 
     async def open(self) -> None:
         """Connect and apply pending migrations. Raises SchemaTooNew or StoreUnavailable."""
-        if self._pool is not None:
-            return
-        await self._call(self._open_sync, "opening", bounded=False)
+        async with self._lifecycle:
+            if self._worker is not None:
+                return
+            # Bounded by the driver's own timeouts; never abandoned, so nothing it
+            # creates can leak from a thread nobody waits for.
+            pool = await self._in_thread(self._open_sync)
+            worker = self._worker_for(
+                _PoolTransactions(pool, self),
+                threads=self.max_size,
+                sort_writes=True,
+                multi_statement=True,
+            )
+            self._pool = pool
+            worker.start()
+            self._worker = worker
 
     async def aclose(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            await trio.to_thread.run_sync(lambda: pool.close(timeout=5.0))
+        """Finish what is queued, stop the workers, close the pool."""
+        async with self._lifecycle:
+            await self._stop_worker()
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                await trio.to_thread.run_sync(lambda: pool.close(timeout=5.0))

@@ -1,316 +1,125 @@
-"""What the SQL stores share: the schema, the migrations, the queries, the row codec.
+"""What the SQL stores share: every operation, on the worker, bounded in time.
 
 Theory of operation
 ===================
 
-:class:`SQLStoreBase` implements every :class:`~mcp_sessions._store.SessionStore`
-operation as a *synchronous* function of a DB-API cursor that is already inside
-a transaction; a backend supplies :meth:`SQLStoreBase._run`, which runs such a
-function in a worker thread, in one transaction, bounded in time, and turns
-driver failures into :class:`~mcp_sessions._store.StoreUnavailable`. The SQL
-is written once with ``%s`` placeholders; a :class:`Dialect` says how the two
-databases differ (placeholders, JSON columns, row locks, ``GREATEST``).
+:class:`SQLStoreBase` ties the parts, each in its own module:
 
-Every state change that must happen once across processes is a conditional
-``UPDATE ... WHERE state <> 'terminated'``: whoever's update matches the row
-ended it; everyone else reads the winner's reason. Patches are a
-read-modify-write under a lock (``BEGIN IMMEDIATE`` on SQLite, ``SELECT ...
-FOR UPDATE`` on PostgreSQL), so versions never skip or repeat.
+- :mod:`._sql_dialect` -- how SQLite and PostgreSQL differ;
+- :mod:`._sql_schema` -- the tables and their forward-only migrations;
+- :mod:`._sql_statements` -- every statement, built once when the store is made;
+- :mod:`._sql_codec` -- rows to records on one private cattrs converter;
+- :mod:`._sql_ops` -- the body of each operation, a function of a cursor;
+- :mod:`._sql_worker` -- group commit: worker threads running queued
+  operations, many per transaction, each in its own savepoint.
 
-A row that cannot be decoded (bad JSON, wrong types, an unknown state) is
-logged on the ``mcp_sessions.store`` logger and treated as absent; it is never
-raised to the caller.
+A store method builds its operation's body, hands it to the worker, and waits
+at most ``op_timeout`` for the answer (then it gives the operation up, which
+is never committed after that, and raises
+:class:`~mcp_sessions._store.StoreUnavailable`). A backend supplies its
+:class:`~mcp_sessions._sql_worker.Transactions` (connections, begin/commit,
+which driver errors are whose) and maps its driver's failures; SQLite also
+answers reads directly on a read-only connection where that cannot block.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import re
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from functools import partial
+from typing import Any, ClassVar, TypeVar
 
-import attrs
 import trio
 
-from ._errors import SessionError, SessionNotFound, VersionConflict, gone
-from ._jsonmerge import merge_patch
+from ._errors import SessionError
+from ._sql_codec import RowCodec
+from ._sql_dialect import Dialect
+from ._sql_ops import Operations
+from ._sql_statements import Statements
+from ._sql_worker import COMMITTING, DONE, Counters, GroupCommit
 from ._state import TerminationReason
 from ._store import (
-    INITIALIZING,
-    LIVE,
-    RECORD_STATES,
-    TERMINATED,
     SchemaTooNew,
     SessionRecord,
     StoreError,
     StoreHealth,
+    StoreStatistics,
     StoreUnavailable,
     Touch,
 )
 
-__all__ = ["COLUMNS", "LATEST_SCHEMA", "Dialect", "SQLStoreBase", "decode_record", "redact_url"]
-
-logger = logging.getLogger("mcp_sessions.store")
+__all__ = ["MISS", "SQLStoreBase"]
 
 T = TypeVar("T")
 
-COLUMNS = (
-    "id",
-    "handle_hash",
-    "kind",
-    "principal",
-    "client",
-    "metadata",
-    "state",
-    "reason",
-    "doc",
-    "version",
-    "created_at",
-    "last_active",
-    "idle_timeout",
-    "expires_at",
-    "terminated_at",
-    "requests",
-    "errors",
-)
-_COLS = ", ".join(COLUMNS)
-_JSON_COLUMNS = frozenset({"client", "metadata", "doc"})
-
-#: A live session whose absolute or idle deadline has passed; params: now, now.
-_DUE = (
-    f"state <> '{TERMINATED}' AND (expires_at <= %s "
-    f"OR (state = '{LIVE}' AND last_active + idle_timeout <= %s))"
-)
-#: The reason a due session ends with (lifetime wins, as in SessionRecord.due); param: now.
-_REASON = (
-    f"CASE WHEN expires_at <= %s THEN '{TerminationReason.LIFETIME_EXCEEDED.value}' "
-    f"ELSE '{TerminationReason.IDLE_TIMEOUT.value}' END"
-)
-
-
-@attrs.frozen(kw_only=True)
-class Dialect:
-    """How one SQL database differs from the SQL written here."""
-
-    name: str
-    #: Placeholder that replaces ``%s``.
-    param: str
-    #: True when JSON columns come back as text to be parsed.
-    json_text: bool
-    #: Wraps a Python JSON value for binding to a JSON column.
-    json_param: Callable[[Any], Any]
-    #: Type of JSON columns in DDL.
-    json_type: str
-    #: Appended to ``SELECT`` in a read-modify-write (row lock), or "".
-    for_update: str
-    #: Name of the two-argument maximum function.
-    greatest: str
-    #: Appended to the ``id`` column type (a bytewise collation, so ordering matches Python's).
-    id_collation: str
-
-    def q(self, sql: str) -> str:
-        return sql if self.param == "%s" else sql.replace("%s", self.param)
-
-
-#: Forward-only migrations: (version, statements). Never edit a released entry; append.
-def migrations(d: Dialect) -> list[tuple[int, list[str]]]:
-    j = d.json_type
-    return [
-        (
-            1,
-            [
-                f"""CREATE TABLE sessions (
-                    id TEXT {d.id_collation} PRIMARY KEY,
-                    handle_hash TEXT UNIQUE,
-                    kind TEXT NOT NULL,
-                    principal TEXT NOT NULL,
-                    client {j} NOT NULL,
-                    metadata {j} NOT NULL,
-                    state TEXT NOT NULL,
-                    reason TEXT,
-                    doc {j} NOT NULL,
-                    version BIGINT NOT NULL DEFAULT 0,
-                    created_at DOUBLE PRECISION NOT NULL,
-                    last_active DOUBLE PRECISION NOT NULL,
-                    idle_timeout DOUBLE PRECISION NOT NULL,
-                    expires_at DOUBLE PRECISION NOT NULL,
-                    terminated_at DOUBLE PRECISION,
-                    requests BIGINT NOT NULL DEFAULT 0,
-                    errors BIGINT NOT NULL DEFAULT 0
-                )""",
-                "CREATE INDEX sessions_principal ON sessions (principal, created_at)",
-                f"CREATE INDEX sessions_live_expires ON sessions (expires_at) "
-                f"WHERE state <> '{TERMINATED}'",
-                f"CREATE INDEX sessions_idle_deadline ON sessions ((last_active + idle_timeout)) "
-                f"WHERE state = '{LIVE}'",
-                f"CREATE INDEX sessions_ended ON sessions (terminated_at) "
-                f"WHERE state = '{TERMINATED}'",
-                "CREATE INDEX sessions_last_active ON sessions (last_active)",
-            ],
-        ),
-    ]
-
-
-#: The schema version this code writes and understands.
-LATEST_SCHEMA = 1
-
-SCHEMA_VERSION_DDL = (
-    "CREATE TABLE IF NOT EXISTS schema_version ("
-    "version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
-)
-
-
-def schema_too_new_message(where: str, found: int) -> str:
-    return (
-        f"{where} has schema version {found}, but this mcp-sessions knows versions up to "
-        f"{LATEST_SCHEMA}: upgrade mcp-sessions (the store was left untouched)"
-    )
-
-
-def to_reason(value: str | None) -> TerminationReason | None:
-    if value is None:
-        return None
-    try:
-        return TerminationReason(value)
-    except ValueError:
-        return TerminationReason.ERROR
-
-
-class _Undecodable(Exception):
-    pass
-
-
-def _json_obj(value: Any, column: str, json_text: bool) -> dict[str, Any]:
-    if json_text:
-        if not isinstance(value, str | bytes):
-            raise _Undecodable(f"{column} is not JSON text")
-        try:
-            value = json.loads(value)
-        except ValueError as exc:
-            raise _Undecodable(f"{column} is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise _Undecodable(f"{column} is not a JSON object")
-    return value
-
-
-def _num(value: Any, column: str, *, optional: bool = False) -> float:
-    if value is None and optional:
-        return None  # type: ignore[return-value]
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _Undecodable(f"{column} is not a number")
-    return float(value)
-
-
-def _int(value: Any, column: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _Undecodable(f"{column} is not an integer")
-    return value
-
-
-def _str(value: Any, column: str, *, optional: bool = False) -> str:
-    if value is None and optional:
-        return None  # type: ignore[return-value]
-    if not isinstance(value, str):
-        raise _Undecodable(f"{column} is not text")
-    return value
-
-
-def decode_record(row: Sequence[Any], *, json_text: bool, backend: str) -> SessionRecord | None:
-    """A :class:`SessionRecord` from a row of :data:`COLUMNS`, or None (logged) if it is bad."""
-    raw = dict(zip(COLUMNS, row, strict=True))
-    try:
-        state = _str(raw["state"], "state")
-        if state not in RECORD_STATES:
-            raise _Undecodable(f"unknown state {state!r}")
-        return SessionRecord(
-            id=_str(raw["id"], "id"),
-            handle_hash=_str(raw["handle_hash"], "handle_hash", optional=True),
-            kind=_str(raw["kind"], "kind"),
-            principal=_str(raw["principal"], "principal"),
-            client=_json_obj(raw["client"], "client", json_text),
-            metadata=_json_obj(raw["metadata"], "metadata", json_text),
-            state=state,
-            reason=_str(raw["reason"], "reason", optional=True),
-            doc=_json_obj(raw["doc"], "doc", json_text),
-            version=_int(raw["version"], "version"),
-            created_at=_num(raw["created_at"], "created_at"),
-            last_active=_num(raw["last_active"], "last_active"),
-            idle_timeout=_num(raw["idle_timeout"], "idle_timeout"),
-            expires_at=_num(raw["expires_at"], "expires_at"),
-            terminated_at=_num(raw["terminated_at"], "terminated_at", optional=True),
-            requests=_int(raw["requests"], "requests"),
-            errors=_int(raw["errors"], "errors"),
-        )
-    except _Undecodable as exc:
-        logger.error(
-            "%s store: skipping undecodable session row %r: %s", backend, raw.get("id"), exc
-        )
-        return None
+#: Returned by :meth:`SQLStoreBase._read_directly` when the read must go to the worker.
+MISS: Any = object()
 
 
 class SQLStoreBase:
-    """The store operations over a DB-API cursor, run in worker threads.
+    """The :class:`~mcp_sessions._store.SessionStore` operations of the SQL backends.
 
-    Subclasses provide :meth:`_in_thread` (one transaction on a connection of
-    theirs) and :meth:`_map_error` (their driver's failures as
-    :class:`StoreUnavailable`); the bounding by ``op_timeout`` and the
-    abandon-then-roll-back handshake are shared here.
+    Subclasses set :attr:`backend`, :attr:`dialect`, ``op_timeout`` and
+    ``_where``, start a :class:`GroupCommit` in ``open`` (see :meth:`_started`)
+    and stop it in ``aclose`` (see :meth:`_stop_worker`), and say which
+    driver failures are outages (:meth:`_map_error`) and which a duplicate
+    (:meth:`_is_duplicate`).
     """
 
     backend: str
     durable = True
-    dialect: Dialect
+    dialect: ClassVar[Dialect]
     op_timeout: float
     #: How the store names itself in errors and logs (no password).
     _where: str
-    _limiter: trio.CapacityLimiter
 
-    def _in_thread(self, fn: Callable[[Any], T], write: bool, abandoned: threading.Event) -> T:
-        """Run ``fn(cursor)`` in one transaction; roll back if ``abandoned`` is set by then."""
-        raise NotImplementedError
+    def __init__(self) -> None:
+        self._sql = Statements.build(self.dialect)
+        self._codec = RowCodec(self.dialect, self.backend)
+        self._ops = Operations(self._sql, self._codec, self.backend)
+        self._worker: GroupCommit | None = None
+        self._counters = Counters()
+        self._calls: dict[str, int] = {}
+        self._direct_reads = 0
+
+    # -- what backends provide ----------------------------------------------
 
     def _map_error(self, exc: Exception) -> Exception | None:
         """The :class:`StoreUnavailable` a driver failure stands for, or None to let it through."""
         raise NotImplementedError
 
-    def _apply_migrations(self, cur: Any) -> None:
-        """Bring the schema up to date inside the caller's (locked) transaction.
+    def _is_duplicate(self, exc: BaseException) -> bool:
+        raise NotImplementedError
 
-        Forward only; a schema newer than this code raises :class:`SchemaTooNew`
-        and touches nothing.
-        """
-        cur.execute(SCHEMA_VERSION_DDL)
-        cur.execute("SELECT MAX(version) FROM schema_version")
-        row = cur.fetchone()
-        current = int(row[0]) if row and row[0] is not None else 0
-        if current > LATEST_SCHEMA:
-            raise SchemaTooNew(schema_too_new_message(self._where, current))
-        insert = self._q("INSERT INTO schema_version (version, applied_at) VALUES (%s, %s)")
-        for version, statements in migrations(self.dialect):
-            if version <= current:
-                continue
-            for stmt in statements:
-                cur.execute(stmt)
-            cur.execute(insert, (version, time.time()))
+    def _read_directly(self, fn: Callable[[Any], T]) -> T:
+        """Run the read ``fn`` without a worker hop, or return :data:`MISS`."""
+        return MISS  # type: ignore[no-any-return]
 
-    async def _call(self, fn: Callable[[], T], what: str, *, bounded: bool = True) -> T:
-        """Run ``fn`` in a worker thread (bounded by ``op_timeout``), mapping failures."""
+    def change_epoch(self) -> int | None:
+        return None
+
+    # -- plumbing ------------------------------------------------------------
+
+    def _worker_for(self, transactions: Any, *, threads: int, **options: Any) -> GroupCommit:
+        return GroupCommit(
+            transactions,
+            threads=threads,
+            name=f"mcp-sessions-{self.backend}",
+            counters=self._counters,
+            **options,
+        )
+
+    async def _stop_worker(self) -> None:
+        """Stop the worker after what is queued, and wait for its threads."""
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.stop()
+            await trio.to_thread.run_sync(worker.join)
+
+    async def _in_thread(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` in a thread, not abandoned (opening), mapping driver failures."""
         try:
-            if not bounded:
-                # Bounded by the driver's own timeouts; never abandoned, so
-                # nothing it creates can leak from a thread nobody waits for.
-                return await trio.to_thread.run_sync(fn, limiter=self._limiter)
-            with trio.fail_after(self.op_timeout):
-                return await trio.to_thread.run_sync(
-                    fn, limiter=self._limiter, abandon_on_cancel=True
-                )
-        except trio.TooSlowError:
-            raise StoreUnavailable(
-                f"{self._where}: {what} did not finish within {self.op_timeout:g}s"
-            ) from None
+            return await trio.to_thread.run_sync(fn)
         except (SessionError, SchemaTooNew):
             raise
         except Exception as exc:
@@ -319,44 +128,73 @@ class SQLStoreBase:
                 raise
             raise mapped from exc
 
-    async def _run(self, fn: Callable[[Any], T], *, write: bool) -> T:
-        """Run ``fn(cursor)`` in one transaction in a worker thread; commit if it returns."""
-        abandoned = threading.Event()
+    async def _run(
+        self, name: str, fn: Callable[[Any], T], *, write: bool, key: str | None = None
+    ) -> T:
+        """Run ``fn(cursor)`` in a worker transaction; wait at most ``op_timeout``."""
+        self._calls[name] = self._calls.get(name, 0) + 1
+        worker = self._worker
+        if worker is None:
+            raise StoreUnavailable(f"{self._where} is not open")
+        op = worker.submit(fn, write=write, key=key, where=self._where)
         try:
-            return await self._call(lambda: self._in_thread(fn, write, abandoned), "operation")
-        finally:
-            # If the caller gave up (timeout or cancellation), the thread rolls back.
-            abandoned.set()
+            with trio.fail_after(self.op_timeout):
+                await op.done.wait()
+        except trio.TooSlowError:
+            state = worker.abandon(op)
+            if state == COMMITTING:
+                raise StoreUnavailable(
+                    f"{self._where}: {name} did not finish within {self.op_timeout:g}s "
+                    "(it was being committed: it may have been applied)"
+                ) from None
+            if state != DONE:
+                raise StoreUnavailable(
+                    f"{self._where}: {name} did not finish within {self.op_timeout:g}s"
+                ) from None
+        except BaseException:
+            worker.abandon(op)
+            raise
+        try:
+            return op.result()
+        except (SessionError, StoreError):
+            raise
+        except Exception as exc:
+            mapped = self._map_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
 
-    # -- helpers -----------------------------------------------------------
+    async def _read(self, name: str, fn: Callable[[Any], T]) -> T:
+        """A read: directly where the backend can, else on the worker."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        result = self._read_directly(fn)
+        if result is MISS:
+            return await self._run(name, fn, write=False)
+        self._calls[name] = self._calls.get(name, 0) + 1
+        self._direct_reads += 1
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return result
 
-    def _q(self, sql: str) -> str:
-        return self.dialect.q(sql)
+    def statistics(self) -> StoreStatistics:
+        c = self._counters
+        worker = self._worker
+        return StoreStatistics(
+            operations=self._calls,
+            transactions=c.transactions,
+            write_transactions=c.write_transactions,
+            failed_transactions=c.failed_transactions,
+            largest_batch=c.largest_batch,
+            direct_reads=self._direct_reads,
+            queued=worker.queued() if worker is not None else 0,
+        )
 
-    def _decode(self, row: Sequence[Any] | None) -> SessionRecord | None:
-        if row is None:
-            return None
-        return decode_record(row, json_text=self.dialect.json_text, backend=self.backend)
-
-    def _decode_all(self, rows: Sequence[Sequence[Any]]) -> list[SessionRecord]:
-        return [r for r in map(self._decode, rows) if r is not None]
-
-    def _is_duplicate(self, exc: BaseException) -> bool:
-        raise NotImplementedError
-
-    # -- operations --------------------------------------------------------
+    # -- operations ------------------------------------------------------------
 
     async def health(self) -> StoreHealth:
         """Round trip to the schema table: reachability, latency, schema version."""
         start = time.perf_counter()
-
-        def op(cur: Any) -> int:
-            cur.execute("SELECT MAX(version) FROM schema_version")
-            row = cur.fetchone()
-            return int(row[0]) if row and row[0] is not None else 0
-
         try:
-            version = await self._run(op, write=False)
+            version = await self._run("health", self._ops.schema_version, write=False)
         except Exception as exc:
             return StoreHealth(backend=self.backend, ok=False, error=str(exc))
         return StoreHealth(
@@ -367,224 +205,80 @@ class SQLStoreBase:
         )
 
     async def create(self, record: SessionRecord) -> None:
-        jp = self.dialect.json_param
-        values = [
-            jp(dict(v)) if c in _JSON_COLUMNS else v
-            for c, v in ((c, getattr(record, c)) for c in COLUMNS)
-        ]
-        sql = self._q(f"INSERT INTO sessions ({_COLS}) VALUES ({', '.join(['%s'] * len(COLUMNS))})")
-
-        def op(cur: Any) -> None:
-            cur.execute(sql, values)
-
+        fn = partial(self._ops.create, row=self._codec.row(record))
         try:
-            await self._run(op, write=True)
+            await self._run("create", fn, write=True, key=record.id)
         except Exception as exc:
             if self._is_duplicate(exc):
                 raise StoreError(f"duplicate session {record.id}") from None
             raise
 
-    async def load(self, session_id: str) -> SessionRecord | None:
-        sql = self._q(f"SELECT {_COLS} FROM sessions WHERE id = %s")
+    async def load(
+        self, session_id: str, *, known_version: int | None = None
+    ) -> SessionRecord | None:
+        fn = partial(self._ops.load, key=session_id, by_hash=False, known_version=known_version)
+        return await self._read("load", fn)
 
-        def op(cur: Any) -> SessionRecord | None:
-            cur.execute(sql, (session_id,))
-            return self._decode(cur.fetchone())
-
-        return await self._run(op, write=False)
-
-    async def load_by_hash(self, handle_hash: str) -> SessionRecord | None:
-        sql = self._q(f"SELECT {_COLS} FROM sessions WHERE handle_hash = %s")
-
-        def op(cur: Any) -> SessionRecord | None:
-            cur.execute(sql, (handle_hash,))
-            return self._decode(cur.fetchone())
-
-        return await self._run(op, write=False)
+    async def load_by_hash(
+        self, handle_hash: str, *, known_version: int | None = None
+    ) -> SessionRecord | None:
+        fn = partial(self._ops.load, key=handle_hash, by_hash=True, known_version=known_version)
+        return await self._read("load_by_hash", fn)
 
     async def mark_ready(self, session_id: str, at: float) -> None:
-        sql = self._q(
-            f"UPDATE sessions SET state = '{LIVE}', last_active = %s "
-            f"WHERE id = %s AND state = '{INITIALIZING}'"
-        )
-
-        def op(cur: Any) -> None:
-            cur.execute(sql, (at, session_id))
-
-        await self._run(op, write=True)
+        fn = partial(self._ops.mark_ready, session_id=session_id, at=at)
+        await self._run("mark_ready", fn, write=True, key=session_id)
 
     async def terminate(
         self, session_id: str, reason: TerminationReason, at: float, touch: Touch | None = None
     ) -> TerminationReason | None:
-        g = self.dialect.greatest
-        end = self._q(
-            f"UPDATE sessions SET state = '{TERMINATED}', reason = %s, terminated_at = %s, "
-            f"last_active = {g}(last_active, COALESCE(%s, last_active)), "
-            "requests = requests + %s, errors = errors + %s "
-            f"WHERE id = %s AND state <> '{TERMINATED}' RETURNING id"
-        )
-        read = self._q("SELECT reason FROM sessions WHERE id = %s")
-        params = (
-            reason.value,
-            at,
-            touch.last_active if touch is not None else None,
-            touch.requests if touch is not None else 0,
-            touch.errors if touch is not None else 0,
-            session_id,
-        )
-
-        def op(cur: Any) -> tuple[bool, TerminationReason | None]:
-            cur.execute(end, params)
-            if cur.fetchall():
-                return True, reason
-            cur.execute(read, (session_id,))
-            row = cur.fetchone()
-            return False, (to_reason(row[0]) if row is not None else None)
-
-        _ended, result = await self._run(op, write=True)
-        return result
+        fn = partial(self._ops.terminate, session_id=session_id, reason=reason, at=at, touch=touch)
+        return await self._run("terminate", fn, write=True, key=session_id)
 
     async def expire(self, session_id: str, now: float) -> TerminationReason | None:
-        sql = self._q(
-            f"UPDATE sessions SET state = '{TERMINATED}', reason = {_REASON}, terminated_at = %s "
-            f"WHERE id = %s AND {_DUE} RETURNING reason"
-        )
-
-        def op(cur: Any) -> TerminationReason | None:
-            cur.execute(sql, (now, now, session_id, now, now))
-            rows = cur.fetchall()
-            return to_reason(rows[0][0]) if rows else None
-
-        return await self._run(op, write=True)
+        fn = partial(self._ops.expire, session_id=session_id, now=now)
+        return await self._run("expire", fn, write=True, key=session_id)
 
     async def patch_state(
         self, session_id: str, patch: Mapping[str, Any], *, if_version: int | None, at: float
     ) -> tuple[int, dict[str, Any]]:
-        read = self._q(
-            "SELECT state, reason, doc, version FROM sessions WHERE id = %s"
-            + self.dialect.for_update
+        fn = partial(
+            self._ops.patch_state,
+            session_id=session_id,
+            patch=dict(patch),
+            if_version=if_version,
+            at=at,
         )
-        write = self._q(
-            f"UPDATE sessions SET doc = %s, version = %s, "
-            f"last_active = {self.dialect.greatest}(last_active, %s) WHERE id = %s"
-        )
-        patch_obj = dict(patch)
-
-        def op(cur: Any) -> tuple[int, dict[str, Any]]:
-            cur.execute(read, (session_id,))
-            row = cur.fetchone()
-            if row is None:
-                raise SessionNotFound()
-            state, reason, raw_doc, version = row
-            try:
-                doc = _json_obj(raw_doc, "doc", self.dialect.json_text)
-            except _Undecodable as exc:
-                logger.error(
-                    "%s store: undecodable state of session %r: %s", self.backend, session_id, exc
-                )
-                raise SessionNotFound() from None
-            if state == TERMINATED:
-                raise gone(session_id, to_reason(reason))
-            if if_version is not None and if_version != version:
-                raise VersionConflict(if_version, version)
-            new_doc = merge_patch(doc, patch_obj)
-            new_version = int(version) + 1
-            cur.execute(write, (self.dialect.json_param(new_doc), new_version, at, session_id))
-            return new_version, new_doc
-
-        return await self._run(op, write=True)
+        return await self._run("patch_state", fn, write=True, key=session_id)
 
     async def touch(self, touches: Sequence[Touch]) -> None:
         if not touches:
+            await trio.lowlevel.checkpoint()
             return
-        sql = self._q(
-            f"UPDATE sessions SET last_active = {self.dialect.greatest}(last_active, %s), "
-            f"requests = requests + %s, errors = errors + %s "
-            f"WHERE id = %s AND state <> '{TERMINATED}'"
-        )
-        # A stable order keeps two processes' batches from deadlocking on row locks.
-        params = [
-            (t.last_active, t.requests, t.errors, t.id) for t in sorted(touches, key=lambda t: t.id)
-        ]
-
-        def op(cur: Any) -> None:
-            cur.executemany(sql, params)
-
-        await self._run(op, write=True)
+        fn = partial(self._ops.touch, touches=list(touches))
+        await self._run("touch", fn, write=True, key=min(t.id for t in touches))
 
     async def list_by_principal(
         self, principal: str, *, include_terminated: bool = False
     ) -> list[SessionRecord]:
-        live = "" if include_terminated else f" AND state <> '{TERMINATED}'"
-        sql = self._q(
-            f"SELECT {_COLS} FROM sessions WHERE principal = %s{live} ORDER BY created_at, id"
+        fn = partial(
+            self._ops.list_by_principal, principal=principal, include_terminated=include_terminated
         )
-
-        def op(cur: Any) -> list[SessionRecord]:
-            cur.execute(sql, (principal,))
-            return self._decode_all(cur.fetchall())
-
-        return await self._run(op, write=False)
+        return await self._read("list_by_principal", fn)
 
     async def list_recent(self, limit: int = 20) -> list[SessionRecord]:
-        sql = self._q(f"SELECT {_COLS} FROM sessions ORDER BY last_active DESC, id LIMIT %s")
-
-        def op(cur: Any) -> list[SessionRecord]:
-            cur.execute(sql, (max(0, limit),))
-            return self._decode_all(cur.fetchall())
-
-        return await self._run(op, write=False)
+        return await self._run(
+            "list_recent", partial(self._ops.list_recent, limit=limit), write=False
+        )
 
     async def counts(self) -> dict[tuple[str, str], int]:
-        sql = "SELECT state, kind, COUNT(*) FROM sessions GROUP BY state, kind"
-
-        def op(cur: Any) -> dict[tuple[str, str], int]:
-            cur.execute(sql)
-            return {(str(s), str(k)): int(n) for s, k, n in cur.fetchall()}
-
-        return await self._run(op, write=False)
-
-    def _sweep_sql(self) -> tuple[str, Callable[[float, int], tuple[Any, ...]]]:
-        raise NotImplementedError
+        return await self._run("counts", self._ops.counts, write=False)
 
     async def sweep(self, now: float, limit: int = 1000) -> list[tuple[str, TerminationReason]]:
         if limit <= 0:
+            await trio.lowlevel.checkpoint()
             return []
-        sql, params = self._sweep_sql()
-
-        def op(cur: Any) -> list[tuple[str, TerminationReason]]:
-            cur.execute(sql, params(now, limit))
-            ended = []
-            for session_id, reason in cur.fetchall():
-                why = to_reason(reason)
-                assert why is not None
-                ended.append((str(session_id), why))
-            return ended
-
-        return await self._run(op, write=True)
+        return await self._run("sweep", partial(self._ops.sweep, now=now, limit=limit), write=True)
 
     async def purge(self, before: float) -> int:
-        sql = self._q(f"DELETE FROM sessions WHERE state = '{TERMINATED}' AND terminated_at < %s")
-
-        def op(cur: Any) -> int:
-            cur.execute(sql, (before,))
-            return int(cur.rowcount)
-
-        return await self._run(op, write=True)
-
-
-#: Sweep building blocks for the backends.
-DUE = _DUE
-REASON = _REASON
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for logs and health reports).
-
-    Handles ``scheme://user:password@host/...`` and libpq keyword strings
-    (``password=...``) as well as a ``password`` query parameter.
-    """
-    if "://" in url:
-        url = re.sub(r"(://[^/@:]*:)([^@/]*)@", r"\1***@", url)
-        return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
-    return re.sub(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url)
+        return await self._run("purge", partial(self._ops.purge, before=before), write=True)

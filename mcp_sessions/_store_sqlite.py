@@ -3,22 +3,43 @@
 Theory of operation
 ===================
 
-One ``sqlite3`` connection per store, in WAL mode, used by one worker thread at a
-time (a one-slot :class:`trio.CapacityLimiter`, plus a :class:`threading.Lock`
-so a thread abandoned after a timeout and its successor never share the
-connection). Every operation is one explicit transaction; writes start with
-``BEGIN IMMEDIATE``, which takes the database's write lock up front, so
-read-modify-writes (patches, ends, sweeps) of several processes serialise
-instead of failing on upgrade. A writer waits up to ``busy_timeout`` for the
-lock; every operation is bounded by ``op_timeout``. Failures of the database
-(locked past the timeout, disk full, read-only, I/O error) raise
-:class:`~mcp_sessions._store.StoreUnavailable`.
+Two ``sqlite3`` connections per store, in WAL mode:
+
+- the *worker's* connection, used only by the store's one worker thread
+  (:mod:`._sql_worker`), which drains the queue of operations into one
+  transaction per hop (group commit). Write transactions start with ``BEGIN
+  IMMEDIATE``, which takes the database's write lock up front, so
+  read-modify-writes (patches, ends, sweeps) of several processes serialise
+  instead of failing on upgrade. The worker waits up to ``busy_timeout`` for
+  the lock; every call is bounded by ``op_timeout``. Failures of the database
+  (locked past the timeout, disk full, read-only, I/O error) raise
+  :class:`~mcp_sessions._store.StoreUnavailable`.
+- a *read-only* connection used only from the trio thread, with a busy
+  timeout of zero. WAL readers never wait for writers, so a load costs no
+  thread hop; the rare ``SQLITE_BUSY`` sends that read to the worker. The
+  same connection answers :meth:`SQLiteStore.change_epoch`.
+
+Change detection. ``PRAGMA data_version`` on the read-only connection moves
+whenever any *other* connection commits -- including this store's worker --
+and stays put otherwise. To tell this store's own commits from everyone
+else's, the database keeps ``store_generation`` (schema migration 2), one
+number that triggers bump on every row written to ``sessions``, by anyone.
+The worker reads it at the start and end of each write transaction, under
+the write lock, and publishes where its last one left it; if a start differs
+from where its previous transaction left it, someone else wrote in between,
+up to that start, and the worker publishes that too.
+:meth:`SQLiteStore.change_epoch` returns the same number while
+``data_version`` stands still; when it moves, it reads the generation and
+moves the epoch if the generation is past both the worker's last one and the
+one it saw last time, or if the worker found a foreign write it had not seen.
+False alarms (a checkpoint, a race with our own commit) cost one read; a
+missed foreign write cannot happen.
 
 Durability: with ``synchronous="NORMAL"`` (the default) a committed write
 survives the crash of any process (including ``kill -9``), but the last
 transactions may be lost if the machine loses power or the OS crashes. With
-``synchronous="FULL"`` every commit is fsynced and survives power loss too, at
-the price of an fsync per write.
+``synchronous="FULL"`` every commit is fsynced and survives power loss too,
+at the price of an fsync per transaction (group commit shares it).
 
 Several processes may share one database file on a local filesystem (not over
 NFS: WAL needs shared memory).
@@ -30,21 +51,19 @@ import contextlib
 import json
 import os
 import sqlite3
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import attrs
 import trio
 
+from ._sql_dialect import Dialect
+from ._sql_schema import apply_migrations
+from ._sql_worker import Transactions
 from ._store import SchemaTooNew, StoreUnavailable
-from ._store_sql import (
-    DUE,
-    REASON,
-    Dialect,
-    SQLStoreBase,
-)
+from ._store_sql import MISS, SQLStoreBase
 
 __all__ = ["SQLiteStore", "default_sqlite_path"]
 
@@ -57,9 +76,13 @@ SQLITE = Dialect(
     json_param=lambda v: json.dumps(v, separators=(",", ":")),
     json_type="TEXT",
     for_update="",
+    skip_locked="",
     greatest="MAX",
     id_collation="",
+    multi_statement=False,
 )
+
+_GENERATION = "SELECT generation FROM store_generation WHERE id = 1"
 
 
 def default_sqlite_path() -> Path:
@@ -69,8 +92,81 @@ def default_sqlite_path() -> Path:
     return root / "mcp-sessions" / "sessions.db"
 
 
-class _Cancelled(Exception):
-    pass
+def _generation(cur: sqlite3.Cursor | sqlite3.Connection) -> int:
+    return int(cur.execute(_GENERATION).fetchall()[0][0])
+
+
+@attrs.frozen
+class _OwnWrites:
+    """What the worker publishes about its own write transactions (read by the trio thread).
+
+    Replaced whole, so a reader always sees a consistent pair.
+    """
+
+    #: The generation its last committed write transaction left.
+    generation: int
+    #: The highest generation some *other* writer left between two of its own
+    #: transactions (its "before" differed from its previous "after").
+    foreign_upto: int
+
+
+class _WorkerTransactions(Transactions):
+    """The worker's connection: BEGIN IMMEDIATE for writes, generations around them."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, own: _OwnWrites) -> None:
+        self.conn = conn
+        self._path = path
+        self.own = own
+        self._before = own.generation
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        yield self.conn
+
+    def begin(self, conn: Any, cur: Any, write: bool) -> None:
+        cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        if write:
+            self._before = _generation(cur)
+
+    def commit(self, conn: Any, cur: Any, write: bool) -> None:
+        after = _generation(cur) if write else 0
+        cur.execute("COMMIT")
+        if write:
+            own = self.own
+            foreign = own.foreign_upto
+            if self._before != own.generation:
+                foreign = max(foreign, self._before)
+            self.own = _OwnWrites(after, foreign)
+
+    def rollback(self, conn: Any) -> None:
+        if conn.in_transaction:
+            conn.rollback()
+
+    def usable(self, conn: Any) -> bool:
+        return bool(conn.in_transaction)
+
+    def op_failed(self, exc: Exception) -> bool:
+        # Constraint, value and binding errors concern one statement; the rest
+        # (locked, read-only, full, I/O, corrupt, interrupted) the whole transaction.
+        if isinstance(
+            exc,
+            sqlite3.IntegrityError
+            | sqlite3.DataError
+            | sqlite3.ProgrammingError
+            | sqlite3.InterfaceError,
+        ):
+            return True
+        return not isinstance(exc, sqlite3.Error)
+
+    def retryable(self, exc: Exception) -> bool:
+        return False
+
+    def failure(self, exc: BaseException) -> Exception:
+        if isinstance(exc, StoreUnavailable):
+            return StoreUnavailable(str(exc))
+        if isinstance(exc, sqlite3.DatabaseError):
+            return StoreUnavailable(_explain(self._path, exc))
+        return StoreUnavailable(f"sqlite store {self._path} unavailable: {exc!r}")
 
 
 class SQLiteStore(SQLStoreBase):
@@ -95,56 +191,69 @@ class SQLiteStore(SQLStoreBase):
         self.synchronous = sync
         self.busy_timeout = busy_timeout
         self.op_timeout = op_timeout
-        self._conn: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
-        self._limiter = trio.CapacityLimiter(1)
         self._where = f"sqlite store {self.path}"
-        # Set when the trio side gave up on the operation running now; the
-        # progress handler then aborts its statement.
-        self._abandoned: threading.Event | None = None
+        super().__init__()
+        self._lifecycle = trio.Lock()
+        self._tx: _WorkerTransactions | None = None
+        # The read-only connection; only ever used from the trio thread.
+        self._reader: sqlite3.Connection | None = None
+        self._seen_data_version: int | None = None
+        self._seen_generation = 0
+        self._epoch = 0
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r}, synchronous={self.synchronous!r})"
 
-    # -- plumbing ----------------------------------------------------------
+    @property
+    def _conn(self) -> sqlite3.Connection | None:
+        """The worker's connection (tests use it to simulate a read-only database)."""
+        return self._tx.conn if self._tx is not None else None
 
-    def _progress(self) -> int:
-        flag = self._abandoned
-        return 1 if flag is not None and flag.is_set() else 0
+    # -- change detection and direct reads (trio thread only) ----------------
 
-    def _in_thread(self, fn: Callable[[Any], T], write: bool, abandoned: threading.Event) -> T:
-        if not self._lock.acquire(timeout=self.op_timeout):
-            raise _Cancelled("the store connection is still busy with an abandoned operation")
+    def change_epoch(self) -> int | None:
+        """See :meth:`SessionStore.change_epoch` and the module docstring.
+
+        Invariant: once a call has read generation ``g``, every write by
+        another connection that left a generation ``<= g`` has moved the
+        epoch, at that call or an earlier one.
+        """
+        reader, tx = self._reader, self._tx
+        if reader is None or tx is None:
+            return None
         try:
-            if abandoned.is_set():
-                raise _Cancelled("operation abandoned before it started")
-            conn = self._conn
-            if conn is None:
-                raise StoreUnavailable(f"sqlite store {self.path} is not open")
-            self._abandoned = abandoned
-            cur = conn.cursor()
-            try:
-                cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-                result = fn(cur)
-                if abandoned.is_set():
-                    # The caller was told StoreUnavailable: do not commit behind its back.
-                    raise _Cancelled("operation abandoned after its timeout")
-                cur.execute("COMMIT")
-                return result
-            except BaseException:
-                if conn.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.rollback()
-                raise
-            finally:
-                cur.close()
-                self._abandoned = None
+            data_version = int(reader.execute("PRAGMA data_version").fetchall()[0][0])
+            if data_version == self._seen_data_version:
+                return self._epoch  # nobody committed anything
+            generation = _generation(reader)
+        except sqlite3.Error:
+            return None  # busy or locked: cannot tell without waiting
+        own = tx.own  # read after the generation: a race can only cause a false alarm
+        # Written since our last commit, and not seen by the last call; or a foreign
+        # write the worker found between two of its own that we had not seen.
+        if generation not in (own.generation, self._seen_generation) or (
+            own.foreign_upto > self._seen_generation
+        ):
+            self._epoch += 1
+        self._seen_data_version = data_version
+        self._seen_generation = generation
+        return self._epoch
+
+    def _read_directly(self, fn: Callable[[Any], T]) -> T:
+        reader = self._reader
+        if reader is None:
+            return MISS  # type: ignore[no-any-return]
+        cur = reader.cursor()
+        try:
+            return fn(cur)
+        except sqlite3.Error:
+            return MISS  # type: ignore[no-any-return]  # busy, or worse: the worker says which
         finally:
-            self._lock.release()
+            cur.close()
+
+    # -- errors --------------------------------------------------------------
 
     def _map_error(self, exc: Exception) -> Exception | None:
-        if isinstance(exc, _Cancelled):
-            return StoreUnavailable(f"{self._where}: {exc}")
         if isinstance(
             exc, sqlite3.IntegrityError | sqlite3.ProgrammingError | sqlite3.InterfaceError
         ):
@@ -158,26 +267,20 @@ class SQLiteStore(SQLStoreBase):
     def _is_duplicate(self, exc: BaseException) -> bool:
         return isinstance(exc, sqlite3.IntegrityError)
 
-    def _sweep_sql(self) -> tuple[str, Callable[[float, int], tuple[Any, ...]]]:
-        sql = self._q(
-            f"UPDATE sessions SET state = 'terminated', reason = {REASON}, terminated_at = %s "
-            f"WHERE id IN (SELECT id FROM sessions WHERE {DUE} "
-            "ORDER BY created_at, id LIMIT %s) RETURNING id, reason"
-        )
-        return sql, lambda now, limit: (now, now, now, now, limit)
+    # -- lifecycle -----------------------------------------------------------
 
-    # -- lifecycle ---------------------------------------------------------
-
-    def _open_sync(self) -> None:
-        if self._conn is not None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(
             self.path,
             timeout=self.busy_timeout,
             isolation_level=None,  # we issue BEGIN/COMMIT ourselves
             check_same_thread=False,
         )
+
+    def _open_sync(self) -> tuple[sqlite3.Connection, sqlite3.Connection, int, int, int]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._connect()
+        reader: sqlite3.Connection | None = None
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             mode = self._retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone())
@@ -186,12 +289,23 @@ class SQLiteStore(SQLStoreBase):
                     f"sqlite store {self.path}: cannot use WAL journal mode (got {mode!r})"
                 )
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-            self._retry_locked(lambda: self._migrate(conn))
-            conn.set_progress_handler(self._progress, 1000)
+            generation = self._retry_locked(lambda: self._migrate(conn))
+            reader = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode=ro",
+                uri=True,
+                timeout=0,
+                isolation_level=None,
+                check_same_thread=False,  # opened here, then used only by the trio thread
+            )
+            reader.execute("PRAGMA busy_timeout = 0")
+            data_version = int(reader.execute("PRAGMA data_version").fetchall()[0][0])
+            seen = _generation(reader)
         except BaseException:
             conn.close()
+            if reader is not None:
+                reader.close()
             raise
-        self._conn = conn
+        return conn, reader, generation, data_version, seen
 
     def _retry_locked(self, fn: Callable[[], T]) -> T:
         """Run ``fn``, retrying "database is locked" until the busy timeout.
@@ -209,16 +323,18 @@ class SQLiteStore(SQLStoreBase):
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or time.monotonic() + delay > deadline:
                     raise
-            time.sleep(delay)  # in the store's worker thread, never the event loop
+            time.sleep(delay)  # in a worker thread, never the event loop
             delay = min(delay * 2, 0.1)
 
-    def _migrate(self, conn: sqlite3.Connection) -> None:
+    def _migrate(self, conn: sqlite3.Connection) -> int:
+        """Apply pending migrations; return the change generation (see the module docstring)."""
         # BEGIN IMMEDIATE: two processes opening at once apply migrations one after the other.
         conn.execute("BEGIN IMMEDIATE")
         try:
             cur = conn.cursor()
             try:
-                self._apply_migrations(cur)
+                apply_migrations(cur, self.dialect, self._where)
+                generation = _generation(cur)
             finally:
                 cur.close()
             conn.execute("COMMIT")
@@ -226,32 +342,41 @@ class SQLiteStore(SQLStoreBase):
             if conn.in_transaction:
                 conn.rollback()
             raise
+        return generation
 
     async def open(self) -> None:
         """Create the file (and its directory) if needed, and apply pending migrations."""
-        # Bounded by busy_timeout per statement; opening is not abandoned, so a
-        # connection can never leak from a thread nobody waits for.
-        try:
-            await trio.to_thread.run_sync(self._open_sync, limiter=self._limiter)
-        except (SchemaTooNew, StoreUnavailable):
-            raise
-        except sqlite3.DatabaseError as exc:
-            raise StoreUnavailable(_explain(self.path, exc)) from exc
-        except OSError as exc:
-            raise StoreUnavailable(f"sqlite store {self.path} cannot be opened: {exc}") from exc
-
-    def _close_sync(self) -> None:
-        got = self._lock.acquire(timeout=self.op_timeout)
-        try:
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                conn.close()
-        finally:
-            if got:
-                self._lock.release()
+        async with self._lifecycle:
+            if self._worker is not None:
+                return
+            # Bounded by busy_timeout per statement; opening is not abandoned, so a
+            # connection can never leak from a thread nobody waits for.
+            try:
+                opened = await self._in_thread(self._open_sync)
+            except (SchemaTooNew, StoreUnavailable):
+                raise
+            except OSError as exc:
+                raise StoreUnavailable(f"{self._where} cannot be opened: {exc}") from exc
+            conn, reader, generation, data_version, seen = opened
+            tx = _WorkerTransactions(conn, self.path, _OwnWrites(generation, 0))
+            worker = self._worker_for(tx, threads=1)
+            # Interrupt a long statement once every caller of its transaction gave up.
+            conn.set_progress_handler(lambda: int(worker.all_abandoned()), 1000)
+            self._tx, self._reader = tx, reader
+            self._seen_data_version, self._seen_generation = data_version, seen
+            worker.start()
+            self._worker = worker
 
     async def aclose(self) -> None:
-        await trio.to_thread.run_sync(self._close_sync, limiter=self._limiter)
+        """Finish what is queued, stop the worker, close both connections."""
+        async with self._lifecycle:
+            reader, self._reader = self._reader, None
+            if reader is not None:
+                reader.close()
+            await self._stop_worker()
+            tx, self._tx = self._tx, None
+            if tx is not None:
+                await trio.to_thread.run_sync(tx.conn.close)
 
 
 def _explain(path: Path, exc: sqlite3.DatabaseError) -> str:

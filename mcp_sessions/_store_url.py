@@ -14,10 +14,10 @@ Accepted forms:
 
 from __future__ import annotations
 
+import re
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ._store import MemoryStore, SessionStore
-from ._store_sql import redact_url
 
 __all__ = ["ACCEPTED_FORMS", "redact_url", "store_from_url"]
 
@@ -28,6 +28,18 @@ ACCEPTED_FORMS = (
 
 _PG_STORE_OPTIONS = ("schema", "min_size", "max_size", "op_timeout", "store_connect_timeout")
 _SQLITE_OPTIONS = ("synchronous", "busy_timeout", "op_timeout")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for logs and health reports).
+
+    Handles ``scheme://user:password@host/...`` and libpq keyword strings
+    (``password=...``) as well as a ``password`` query parameter.
+    """
+    if "://" in url:
+        url = re.sub(r"(://[^/@:]*:)([^@/]*)@", r"\1***@", url)
+        return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
+    return re.sub(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url)
 
 
 def _bad(url: str, why: str) -> ValueError:

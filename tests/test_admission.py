@@ -62,9 +62,11 @@ async def test_tombstones_are_kept_for_their_retention(
         registry = Registry(track_idle=False, retention=10)
         registry.add(session)
         registry.remove(session, terminated_at=1.0, now=0.0)
-        assert len(registry) == 0 and registry.count_for("a") == 0
+        assert len(registry) == 0
+        assert registry.count_for("a") == 0
         tomb = registry.tombstone(session.id)
-        assert tomb is not None and tomb.principal == "a"
+        assert tomb is not None
+        assert tomb.principal == "a"
         assert session.handle_hash is not None
         assert registry.tombstone_by_hash(session.handle_hash) is tomb
         registry.purge_tombstones(9.9)

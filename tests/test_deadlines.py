@@ -86,9 +86,7 @@ def test_infinite_and_bad_widths() -> None:
         max_size=200,
     ),
 )
-def test_pops_match_a_plain_dict_model(
-    width: float, ops: list[tuple[str, int, float]]
-) -> None:
+def test_pops_match_a_plain_dict_model(width: float, ops: list[tuple[str, int, float]]) -> None:
     schedule: DeadlineSchedule[int] = DeadlineSchedule(width)
     model: dict[int, float] = {}
     clock = 0.0

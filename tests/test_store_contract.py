@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
@@ -31,6 +32,9 @@ from mcp_sessions._store_url import redact_url, store_from_url
 
 PG_DSN = os.environ.get("MCP_SESSIONS_TEST_PG_DSN")
 PG_SKIP = "set MCP_SESSIONS_TEST_PG_DSN to run PostgreSQL store tests"
+#: The schema version a fresh store has, and the migrations that got it there.
+LATEST = 2
+MIGRATED = [(1,), (2,)]
 T0 = 1_700_000_000.0
 
 MakeStore = Callable[[], Awaitable[SessionStore]]
@@ -202,6 +206,21 @@ async def test_loaded_records_are_copies(store: SessionStore) -> None:
     again = await store.load("s1")
     assert again is not None
     assert again.doc == {"a": [1]}
+
+
+async def test_known_version_leaves_the_document_out(store: SessionStore) -> None:
+    await store.create(record("s1", doc={"big": "x" * 1000}, version=4))
+    same = await store.load("s1", known_version=4)
+    assert same is not None
+    assert (same.doc_loaded, same.doc, same.version) == (False, {}, 4)
+    same_by_hash = await store.load_by_hash("hash-s1", known_version=4)
+    assert same_by_hash == same
+    newer = await store.load("s1", known_version=3)
+    assert newer is not None
+    assert (newer.doc_loaded, newer.doc) == (True, {"big": "x" * 1000})
+    full = await store.load_by_hash("hash-s1")
+    assert full == newer
+    assert await store.load("nope", known_version=4) is None
 
 
 async def test_null_handle_hashes_do_not_collide(store: SessionStore) -> None:
@@ -456,8 +475,34 @@ async def test_health(store: SessionStore) -> None:
     assert health.latency_s is not None
     assert health.latency_s >= 0
     if store.backend != "memory":
-        assert health.schema_version == 1
+        assert health.schema_version == LATEST
         assert store.durable
+
+
+async def test_statistics_count_operations_and_transactions(store: SessionStore) -> None:
+    before = store.statistics()
+    assert before.transactions == before.write_transactions == before.largest_batch == 0
+    await store.create(record("s1"))
+    await store.patch_state("s1", {"a": 1}, if_version=None, at=T0)
+    await store.load("s1")
+    await store.load_by_hash("hash-s1")
+    with pytest.raises(VersionConflict):
+        await store.patch_state("s1", {"a": 2}, if_version=0, at=T0)
+    stats = store.statistics()
+    assert dict(stats.operations) == {
+        "create": 1,
+        "patch_state": 2,
+        "load": 1,
+        "load_by_hash": 1,
+    }
+    # One at a time, each call is its own transaction (or a direct read, on SQLite).
+    assert stats.transactions + stats.direct_reads == 5
+    assert stats.write_transactions == 3
+    assert (stats.largest_batch, stats.failed_transactions, stats.queued) == (1, 0, 0)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        stats.transactions = 0  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        stats.operations["load"] = 0  # type: ignore[index]
 
 
 # -- several processes (store instances) on one database --------------------
@@ -551,6 +596,143 @@ async def test_concurrent_terminate_has_one_winner(shared: Backend) -> None:
     assert got.termination_reason is results[0]
 
 
+# -- group commit ------------------------------------------------------------
+
+
+async def test_concurrent_patches_share_transactions(shared: Backend) -> None:
+    store = await shared.make()
+    await store.create(record("s"))
+    start = store.statistics()
+    for i in range(50):
+        await store.patch_state("s", {f"seq{i}": i}, if_version=None, at=T0)
+    sequential = store.statistics()
+    versions: list[int] = []
+
+    async def patch(i: int) -> None:
+        version, _ = await store.patch_state("s", {f"con{i}": i}, if_version=None, at=T0)
+        versions.append(version)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(50):
+            nursery.start_soon(patch, i)
+    concurrent = store.statistics()
+    assert sequential.write_transactions - start.write_transactions == 50
+    assert concurrent.write_transactions - sequential.write_transactions < 50
+    assert concurrent.largest_batch > 1
+    assert sorted(versions) == list(range(51, 101))  # serialised all the same
+    got = await store.load("s")
+    assert got is not None
+    assert (got.version, len(got.doc)) == (100, 100)
+
+
+async def test_a_failing_operation_fails_alone(shared: Backend) -> None:
+    store = await shared.make()
+    await store.create(record("s"))
+    await store.create(record("t"))
+    outcomes: dict[str, object] = {}
+
+    async def patch(name: str, session: str, if_version: int | None) -> None:
+        try:
+            outcomes[name] = await store.patch_state(
+                session, {name: 1}, if_version=if_version, at=T0
+            )
+        except Exception as exc:
+            outcomes[name] = exc
+
+    async with trio.open_nursery() as nursery:
+        for i in range(20):
+            nursery.start_soon(patch, f"ok{i}", "s", None)
+        nursery.start_soon(patch, "conflict", "s", 999)
+        nursery.start_soon(patch, "gone", "unknown", None)
+        for i in range(20):
+            nursery.start_soon(patch, f"other{i}", "t", None)
+    assert isinstance(outcomes.pop("conflict"), VersionConflict)
+    assert isinstance(outcomes.pop("gone"), SessionNotFound)
+    assert all(isinstance(o, tuple) for o in outcomes.values()), outcomes
+    s, t = await store.load("s"), await store.load("t")
+    assert s is not None
+    assert t is not None
+    assert (s.version, t.version) == (20, 20)
+    assert "conflict" not in s.doc
+
+
+# -- change detection ----------------------------------------------------------
+
+
+async def test_change_epoch_moves_only_for_other_writers(shared: Backend) -> None:
+    a = await shared.make()
+    b = await shared.make()
+    if shared.name == "postgresql":
+        assert a.change_epoch() is None  # cannot tell cheaply: callers read every time
+        return
+    await b.create(record("s"))
+    first = a.change_epoch()
+    assert first is not None
+    assert a.change_epoch() == first  # nothing happened
+
+    # a's own writes do not move a's epoch
+    await a.create(record("mine"))
+    await a.patch_state("s", {"a": 1}, if_version=None, at=T0)
+    await a.touch([Touch("s", last_active=T0 + 1)])
+    await a.terminate("mine", R.CLOSED, T0 + 2)
+    assert a.change_epoch() == first
+
+    # nobody's reads move it
+    await a.load("s")
+    await a.list_recent()
+    await b.load("s")
+    await b.counts()
+    assert a.change_epoch() == first
+
+    # b's write does, once
+    b_before = b.change_epoch()
+    await b.patch_state("s", {"b": 1}, if_version=None, at=T0)
+    second = a.change_epoch()
+    assert second != first
+    assert a.change_epoch() == second
+    assert b.change_epoch() == b_before  # b's own write
+
+    # a foreign write followed by one of a's own is still seen
+    await b.touch([Touch("s", last_active=T0 + 5)])
+    await a.patch_state("s", {"a": 2}, if_version=None, at=T0)
+    third = a.change_epoch()
+    assert third not in (first, second)
+
+    # a write behind every store's back is seen too
+    shared.raw("UPDATE sessions SET requests = requests + 1 WHERE id = 's'")
+    assert a.change_epoch() != third
+
+
+async def test_change_epoch_is_none_when_the_backend_cannot_tell(backend: Backend) -> None:
+    store = backend.new()
+    assert store.change_epoch() is None  # not open
+    await store.open()
+    try:
+        if backend.name in ("memory", "postgresql"):
+            assert store.change_epoch() is None
+        else:
+            assert store.change_epoch() is not None
+    finally:
+        await store.aclose()
+    if backend.name != "memory":
+        assert store.change_epoch() is None  # closed
+
+
+async def test_reads_see_other_writers_at_once(shared: Backend) -> None:
+    a = await shared.make()
+    b = await shared.make()
+    await a.create(record("s"))
+    for i in range(1, 4):
+        await b.patch_state("s", {"n": i}, if_version=None, at=T0)
+        got = await a.load("s")
+        by_hash = await a.load_by_hash("hash-s", known_version=i - 1)
+        assert got is not None
+        assert by_hash is not None
+        assert (got.version, got.doc, by_hash.doc) == (i, {"n": i}, {"n": i})
+        [listed] = await a.list_by_principal("alice")
+        assert listed.version == i
+
+
 # -- migrations ------------------------------------------------------------
 
 
@@ -563,7 +745,28 @@ async def test_reopen_keeps_data(shared: Backend) -> None:
     got = await again.load("s")
     assert got is not None
     assert (got.version, got.doc) == (1, {"k": "v", "n": 1})
-    assert shared.raw("SELECT version FROM schema_version") == [(1,)]
+    assert shared.raw("SELECT version FROM schema_version ORDER BY version") == MIGRATED
+
+
+async def test_upgrade_from_schema_1_keeps_data(shared: Backend) -> None:
+    store = await shared.make()
+    await store.create(record("s", doc={"k": "v"}))
+    await shared.close_all()
+    # Take the database back to what version 1 of the schema left.
+    if shared.name == "sqlite":
+        for event in ("insert", "update", "delete"):
+            shared.raw(f"DROP TRIGGER sessions_{event}_bumps_generation")
+        shared.raw("DROP TABLE store_generation")
+    shared.raw("DELETE FROM schema_version WHERE version = 2")
+    again = await shared.make()
+    assert shared.raw("SELECT version FROM schema_version ORDER BY version") == MIGRATED
+    got = await again.load("s")
+    assert got is not None
+    assert got.doc == {"k": "v"}
+    other = await shared.make()
+    epoch = again.change_epoch()
+    await other.patch_state("s", {"n": 1}, if_version=0, at=T0)
+    assert again.change_epoch() != epoch or shared.name == "postgresql"
 
 
 async def test_schema_too_new_is_refused_untouched(shared: Backend) -> None:
@@ -584,7 +787,7 @@ async def test_two_instances_open_a_fresh_store_at_once(shared: Backend) -> None
     async with trio.open_nursery() as nursery:
         for _ in range(3):
             nursery.start_soon(shared.make)
-    assert shared.raw("SELECT version FROM schema_version") == [(1,)]
+    assert shared.raw("SELECT version FROM schema_version ORDER BY version") == MIGRATED
 
 
 async def test_sqlite_creates_directory_and_uses_wal(tmp_path: Path) -> None:

@@ -1,17 +1,23 @@
-"""Store failures: bad rows, a locked or read-only SQLite file, a PostgreSQL outage."""
+"""Store failures: bad rows, a locked or read-only SQLite file, a PostgreSQL outage,
+and group commit's promises when one operation fails or its caller gives up."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
+from mcp_sessions._errors import VersionConflict
 from mcp_sessions._state import TerminationReason
 from mcp_sessions._store import StoreUnavailable
 from mcp_sessions._store_sqlite import SQLiteStore
@@ -314,3 +320,228 @@ async def test_sqlite_op_timeout_abandons_stuck_operation(tmp_path: Path) -> Non
     finally:
         blocker.close()
         await store.aclose()
+
+
+# -- group commit: batches, savepoints, callers who give up ---------------------
+
+
+class Gate(dict[str, Any]):
+    """A JSON object whose merge into a state document blocks the store's worker.
+
+    Patching ``{"g": Gate()}`` makes the worker thread wait inside that
+    operation, in its transaction, until :attr:`proceed` is set: a way to hold
+    the worker still, in a known place, through the public API only.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(gate=True)
+        self.entered = threading.Event()
+        self.proceed = threading.Event()
+
+    def items(self) -> Any:
+        self.entered.set()
+        if not self.proceed.wait(timeout=30):
+            raise RuntimeError("the gate was never opened")
+        return super().items()
+
+    async def wait_entered(self) -> None:
+        assert await trio.to_thread.run_sync(self.entered.wait, 30)
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    store = SQLiteStore(tmp_path / "s.db", op_timeout=30.0)
+    await store.open()
+    try:
+        await store.create(record("s"))
+        await store.create(record("x"))
+        yield store
+    finally:
+        await store.aclose()
+
+
+async def hold_worker(store: SQLiteStore, nursery: trio.Nursery) -> Gate:
+    """Occupy the store's worker with a patch of session "x" that waits at a gate."""
+    gate = Gate()
+    nursery.start_soon(partial(store.patch_state, "x", {"g": gate}, if_version=None, at=T0))
+    await gate.wait_entered()
+    return gate
+
+
+async def test_one_transaction_holds_every_waiting_operation_and_one_failure_fails_alone(
+    sqlite_store: SQLiteStore,
+) -> None:
+    store = sqlite_store
+    outcomes: dict[str, Any] = {}
+
+    async def patch(name: str, if_version: int | None) -> None:
+        try:
+            outcomes[name] = await store.patch_state("s", {name: 1}, if_version=if_version, at=T0)
+        except VersionConflict as exc:
+            outcomes[name] = exc
+
+    async with trio.open_nursery() as nursery:
+        hold = await hold_worker(store, nursery)
+        before = store.statistics()
+        for i in range(25):
+            nursery.start_soon(patch, f"early{i}", None)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(patch, "conflict", 7)
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(25):
+            nursery.start_soon(patch, f"late{i}", None)
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.statistics().queued == 51
+        hold.proceed.set()
+    after = store.statistics()
+    # The held patch's transaction, then one for all 51 that waited behind it.
+    assert after.write_transactions - before.write_transactions == 2
+    assert after.largest_batch == 51
+    assert isinstance(outcomes.pop("conflict"), VersionConflict)
+    assert sorted(version for version, _ in outcomes.values()) == list(range(1, 51))
+    got = await store.load("s")
+    assert got is not None
+    assert (got.version, len(got.doc), "conflict" in got.doc) == (50, 50, False)
+
+
+async def test_operation_given_up_after_it_ran_is_not_committed(
+    sqlite_store: SQLiteStore,
+) -> None:
+    store = sqlite_store
+    gate = Gate()
+    given_up = trio.CancelScope()
+    results: dict[str, Any] = {}
+
+    async def abandoned() -> None:
+        with given_up:
+            results["a"] = await store.patch_state("s", {"a": gate}, if_version=None, at=T0)
+
+    async def other() -> None:
+        results["b"] = await store.patch_state("s", {"b": 1}, if_version=None, at=T0)
+
+    async with trio.open_nursery() as nursery:
+        hold = await hold_worker(store, nursery)
+        nursery.start_soon(abandoned)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(other)  # same transaction, after "a": it sees what "a" wrote
+        await trio.testing.wait_all_tasks_blocked()
+        hold.proceed.set()
+        await gate.wait_entered()  # "a" is running, in the transaction with "b"
+        given_up.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        gate.proceed.set()
+    assert "a" not in results
+    # "b" ran again without "a": its answer and the store agree that "a" never happened.
+    assert results["b"] == (1, {"b": 1})
+    got = await store.load("s")
+    assert got is not None
+    assert (got.version, got.doc) == (1, {"b": 1})
+
+
+async def test_operation_given_up_while_queued_never_runs(sqlite_store: SQLiteStore) -> None:
+    store = sqlite_store
+    given_up = trio.CancelScope()
+
+    async def abandoned() -> None:
+        with given_up:
+            await store.patch_state("s", {"a": 1}, if_version=None, at=T0)
+
+    async with trio.open_nursery() as nursery:
+        hold = await hold_worker(store, nursery)
+        nursery.start_soon(abandoned)
+        await trio.testing.wait_all_tasks_blocked()
+        given_up.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.statistics().queued == 1  # still queued, marked abandoned
+        hold.proceed.set()
+    assert await store.patch_state("s", {"b": 1}, if_version=0, at=T0) == (1, {"b": 1})
+
+
+async def test_reads_do_not_wait_for_the_worker(sqlite_store: SQLiteStore) -> None:
+    store = sqlite_store
+    async with trio.open_nursery() as nursery:
+        hold = await hold_worker(store, nursery)  # holds the write lock, too
+        before = store.statistics()
+        got = await store.load("s")
+        by_hash = await store.load_by_hash("hash-s")
+        listed = await store.list_by_principal("alice")
+        after = store.statistics()
+        hold.proceed.set()
+    assert got is not None
+    assert by_hash == got
+    assert [r.id for r in listed] == ["s", "x"]
+    assert after.direct_reads - before.direct_reads == 3
+    assert after.transactions == before.transactions
+
+
+async def test_transaction_failure_fails_every_operation_in_it(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path, busy_timeout=0.2, op_timeout=5.0)
+    await store.open()
+    blocker = sqlite3.connect(path, isolation_level=None)
+    failures: list[Exception] = []
+
+    async def patch(i: int) -> None:
+        try:
+            await store.patch_state("s", {f"k{i}": i}, if_version=None, at=T0)
+        except StoreUnavailable as exc:
+            failures.append(exc)
+
+    try:
+        await store.create(record("s"))
+        before = store.statistics()
+        blocker.execute("BEGIN IMMEDIATE")
+        async with trio.open_nursery() as nursery:
+            for i in range(10):
+                nursery.start_soon(patch, i)
+        blocker.execute("ROLLBACK")
+        after = store.statistics()
+        assert len(failures) == 10
+        assert all("locked" in str(exc) for exc in failures)
+        assert len({id(exc) for exc in failures}) == 10  # each caller its own exception
+        assert after.failed_transactions > before.failed_transactions
+        assert after.write_transactions == before.write_transactions
+        assert await store.patch_state("s", {"a": 1}, if_version=0, at=T0) == (1, {"a": 1})
+    finally:
+        blocker.close()
+        await store.aclose()
+
+
+def _worker_threads() -> int:
+    return sum(t.name.startswith("mcp-sessions-sqlite") for t in threading.enumerate())
+
+
+async def test_aclose_finishes_queued_operations_then_stops(tmp_path: Path) -> None:
+    threads = _worker_threads()
+    store = SQLiteStore(tmp_path / "s.db", op_timeout=30.0)
+    await store.open()
+    assert _worker_threads() == threads + 1
+    await store.create(record("s"))
+    await store.create(record("x"))
+    versions: list[int] = []
+
+    async def patch(i: int) -> None:
+        version, _ = await store.patch_state("s", {f"k{i}": i}, if_version=None, at=T0)
+        versions.append(version)
+
+    async with trio.open_nursery() as nursery:
+        hold = await hold_worker(store, nursery)
+        for i in range(10):
+            nursery.start_soon(patch, i)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(store.aclose)
+        await trio.testing.wait_all_tasks_blocked()
+        hold.proceed.set()
+    assert sorted(versions) == list(range(1, 11))
+    assert _worker_threads() == threads
+    with pytest.raises(StoreUnavailable, match="not open"):
+        await store.patch_state("s", {"late": 1}, if_version=None, at=T0)
+    assert store.change_epoch() is None
+    again = SQLiteStore(tmp_path / "s.db")
+    await again.open()
+    try:
+        got = await again.load("s")
+        assert got is not None
+        assert got.version == 10
+    finally:
+        await again.aclose()

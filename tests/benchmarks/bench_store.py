@@ -1,11 +1,13 @@
 """Session store benchmark (plain script, not collected by pytest).
 
 Per backend (memory, sqlite NORMAL, sqlite FULL, postgresql if reachable):
-committed patches/s with p50/p99 latency (sequential, through the store API)
-and the create+terminate rate. Prints a human summary to stderr and one JSON
+committed patches/s with p50/p99 latency (sequential, through the store API),
+the create+terminate rate, and group commit: rounds of 50 patches issued one
+after another vs 50 at once (a trio nursery), alternating, with patches/s and
+the transactions each way used. Prints a human summary to stderr and one JSON
 object as the last line of stdout.
 
-    .venv/bin/python tests/benchmarks/bench_store.py [--patches N] [--sessions N]
+    .venv/bin/python tests/benchmarks/bench_store.py [--patches N] [--sessions N] [--rounds N]
 
 PostgreSQL: ``MCP_SESSIONS_TEST_PG_DSN`` or ``postgresql://postgres@127.0.0.1:5432/test``;
 a throwaway schema is created and dropped.
@@ -76,6 +78,51 @@ async def bench_one(store: SessionStore, patches: int, sessions: int) -> dict[st
     }
 
 
+def _write_transactions(store: SessionStore) -> int | None:
+    stats = getattr(store, "statistics", None)  # absent before group commit
+    return stats().write_transactions if stats is not None else None
+
+
+async def bench_fan_in(store: SessionStore, rounds: int, width: int = 50) -> dict[str, Any]:
+    """``width`` patches one after another vs ``width`` at once, alternating, ``rounds`` times."""
+    now = time.time()
+    await store.create(_record("bench-fan-in", now))
+    elapsed = {"sequential": 0.0, "concurrent": 0.0}
+    transactions: dict[str, int | None] = {"sequential": 0, "concurrent": 0}
+
+    async def patch(i: int) -> None:
+        await store.patch_state("bench-fan-in", {"n": i}, if_version=None, at=now)
+
+    for _ in range(rounds):
+        for way in ("sequential", "concurrent"):
+            before = _write_transactions(store)
+            start = time.perf_counter()
+            if way == "sequential":
+                for i in range(width):
+                    await patch(i)
+            else:
+                async with trio.open_nursery() as nursery:
+                    for i in range(width):
+                        nursery.start_soon(patch, i)
+            elapsed[way] += time.perf_counter() - start
+            after = _write_transactions(store)
+            done = transactions[way]
+            transactions[way] = (
+                done + after - before
+                if done is not None and after is not None and before is not None
+                else None
+            )
+    ops = rounds * width
+    return {
+        "fan_in_width": width,
+        "fan_in_rounds": rounds,
+        "sequential_patches_per_s": round(ops / elapsed["sequential"], 1),
+        "concurrent_patches_per_s": round(ops / elapsed["concurrent"], 1),
+        "sequential_transactions": transactions["sequential"],
+        "concurrent_transactions": transactions["concurrent"],
+    }
+
+
 _WRITES = ("create", "mark_ready", "terminate", "expire", "patch_state", "touch", "sweep", "purge")
 
 
@@ -143,6 +190,7 @@ async def main(coalesced: dict[str, Any]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--patches", type=int, default=2000)
     parser.add_argument("--sessions", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=20, help="rounds of 50+50 patches")
     args = parser.parse_args()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,6 +213,7 @@ async def main(coalesced: dict[str, Any]) -> None:
                 await store.open()
                 try:
                     results[name] = await bench_one(store, args.patches, args.sessions)
+                    results[name] |= await bench_fan_in(store, args.rounds)
                 finally:
                     await store.aclose()
                 r = results[name]
@@ -172,6 +221,14 @@ async def main(coalesced: dict[str, Any]) -> None:
                     f"{name:14} patches {r['patches_per_s']:>9}/s  "
                     f"p50 {r['patch_p50_ms']:>7} ms  p99 {r['patch_p99_ms']:>7} ms  "
                     f"create+terminate {r['create_terminate_per_s']:>8}/s",
+                    file=sys.stderr,
+                )
+                ops = r["fan_in_rounds"] * r["fan_in_width"]
+                print(
+                    f"{'':14} {r['fan_in_width']} at a time: sequential "
+                    f"{r['sequential_patches_per_s']:>9}/s in {r['sequential_transactions']} "
+                    f"transactions, concurrent {r['concurrent_patches_per_s']:>9}/s in "
+                    f"{r['concurrent_transactions']} transactions ({ops} patches each way)",
                     file=sys.stderr,
                 )
         finally:
@@ -184,7 +241,16 @@ async def main(coalesced: dict[str, Any]) -> None:
         f"{coalesced['request_spacing_s']} s): {coalesced['writes']} {coalesced['by_op']}",
         file=sys.stderr,
     )
-    print(json.dumps({"patches": args.patches, "sessions": args.sessions, "results": results}))
+    print(
+        json.dumps(
+            {
+                "patches": args.patches,
+                "sessions": args.sessions,
+                "rounds": args.rounds,
+                "results": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,174 @@
+"""The body of every store operation: a synchronous function of a cursor in a transaction.
+
+:class:`Operations` knows the statements and the row codec and nothing about
+threads, transactions or time limits: the worker (:mod:`._sql_worker`) runs
+these bodies inside its transactions, and SQLite may run the reads directly on
+its read-only connection. Every state change that must happen once across
+processes is a conditional ``UPDATE ... WHERE state <> 'terminated'``:
+whoever's update matches the row ended it; everyone else reads the winner's
+reason. A patch is a read-modify-write of one row under the write lock
+(SQLite) or a row lock (PostgreSQL), so versions never skip or repeat.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ._errors import SessionNotFound, VersionConflict, gone
+from ._jsonmerge import merge_patch
+from ._sql_codec import RowCodec, Undecodable
+from ._sql_statements import Statements
+from ._state import TerminationReason
+from ._store import TERMINATED, SessionRecord, Touch
+
+__all__ = ["Operations", "to_reason"]
+
+logger = logging.getLogger("mcp_sessions.store")
+
+
+def to_reason(value: str | None) -> TerminationReason | None:
+    """The termination reason a column holds (an unknown one reads as ``error``)."""
+    if value is None:
+        return None
+    try:
+        return TerminationReason(value)
+    except ValueError:
+        return TerminationReason.ERROR
+
+
+def _one(cur: Any) -> Any:
+    # fetchall, not fetchone: the statement runs to its end and releases its snapshot.
+    rows = cur.fetchall()
+    return rows[0] if rows else None
+
+
+class Operations:
+    """Transaction bodies of every :class:`~mcp_sessions._store.SessionStore` operation."""
+
+    def __init__(self, sql: Statements, codec: RowCodec, backend: str) -> None:
+        self._sql = sql
+        self._codec = codec
+        self._backend = backend
+
+    def create(self, cur: Any, *, row: Sequence[Any]) -> None:
+        cur.execute(self._sql.insert, row)
+
+    def load(
+        self, cur: Any, *, key: str, by_hash: bool, known_version: int | None
+    ) -> SessionRecord | None:
+        cur.execute(
+            self._sql.load_by_hash if by_hash else self._sql.load_by_id, (known_version, key)
+        )
+        return self._codec.record(_one(cur))
+
+    def mark_ready(self, cur: Any, *, session_id: str, at: float) -> None:
+        cur.execute(self._sql.mark_ready, (at, session_id))
+
+    def terminate(
+        self,
+        cur: Any,
+        *,
+        session_id: str,
+        reason: TerminationReason,
+        at: float,
+        touch: Touch | None,
+    ) -> TerminationReason | None:
+        cur.execute(
+            self._sql.terminate,
+            (
+                reason.value,
+                at,
+                touch.last_active if touch is not None else None,
+                touch.requests if touch is not None else 0,
+                touch.errors if touch is not None else 0,
+                session_id,
+            ),
+        )
+        if cur.fetchall():
+            return reason
+        cur.execute(self._sql.reason_of, (session_id,))
+        row = _one(cur)
+        return to_reason(row[0]) if row is not None else None
+
+    def expire(self, cur: Any, *, session_id: str, now: float) -> TerminationReason | None:
+        # DUE_SQL's parameters are (now, now - grace); a store applies no grace.
+        cur.execute(self._sql.expire, (now, now, session_id, now, now))
+        row = _one(cur)
+        return to_reason(row[0]) if row is not None else None
+
+    def patch_state(
+        self,
+        cur: Any,
+        *,
+        session_id: str,
+        patch: Mapping[str, Any],
+        if_version: int | None,
+        at: float,
+    ) -> tuple[int, dict[str, Any]]:
+        cur.execute(self._sql.patch_read, (session_id,))
+        row = _one(cur)
+        if row is None:
+            raise SessionNotFound()
+        state, reason, raw_doc, version = row
+        try:
+            doc = self._codec.document(raw_doc)
+        except Undecodable as exc:
+            logger.error(
+                "%s store: undecodable state of session %r: %s", self._backend, session_id, exc
+            )
+            raise SessionNotFound() from None
+        if state == TERMINATED:
+            raise gone(session_id, to_reason(reason))
+        if if_version is not None and if_version != version:
+            raise VersionConflict(if_version, version)
+        new_doc = merge_patch(doc, dict(patch))
+        new_version = int(version) + 1
+        cur.execute(
+            self._sql.patch_write, (self._codec.json_param(new_doc), new_version, at, session_id)
+        )
+        return new_version, new_doc
+
+    def touch(self, cur: Any, *, touches: Sequence[Touch]) -> None:
+        # A stable order keeps two processes' batches from deadlocking on row locks.
+        cur.executemany(
+            self._sql.touch,
+            [(t.last_active, t.requests, t.errors, t.id) for t in sorted(touches, key=_by_id)],
+        )
+
+    def list_by_principal(
+        self, cur: Any, *, principal: str, include_terminated: bool
+    ) -> list[SessionRecord]:
+        cur.execute(self._sql.list_all if include_terminated else self._sql.list_live, (principal,))
+        return self._codec.records(cur.fetchall())
+
+    def list_recent(self, cur: Any, *, limit: int) -> list[SessionRecord]:
+        cur.execute(self._sql.list_recent, (max(0, limit),))
+        return self._codec.records(cur.fetchall())
+
+    def counts(self, cur: Any) -> dict[tuple[str, str], int]:
+        cur.execute(self._sql.counts)
+        return {(str(s), str(k)): int(n) for s, k, n in cur.fetchall()}
+
+    def sweep(self, cur: Any, *, now: float, limit: int) -> list[tuple[str, TerminationReason]]:
+        cur.execute(self._sql.sweep, (now, now, now, now, limit))
+        ended = []
+        for session_id, reason in cur.fetchall():
+            why = to_reason(reason)
+            assert why is not None
+            ended.append((str(session_id), why))
+        return ended
+
+    def purge(self, cur: Any, *, before: float) -> int:
+        cur.execute(self._sql.purge, (before,))
+        return int(cur.rowcount)
+
+    def schema_version(self, cur: Any) -> int:
+        cur.execute(self._sql.schema_version)
+        row = _one(cur)
+        return int(row[0]) if row is not None and row[0] is not None else 0
+
+
+def _by_id(touch: Touch) -> str:
+    return touch.id
