@@ -25,6 +25,8 @@ This module imports no trio and does no I/O.
 
 from __future__ import annotations
 
+import math
+
 from ._state import TerminationReason
 
 __all__ = ["DUE_SQL", "REASON_SQL", "due", "next_deadline"]
@@ -57,10 +59,20 @@ def due(
 def next_deadline(
     *, expires_at: float, idle_since: float | None, idle_timeout: float, grace: float = 0.0
 ) -> float:
-    """The earliest time at which :func:`due` could say yes, given no further activity."""
+    """The earliest time at which :func:`due` says yes, given no further activity.
+
+    Exact under float rounding: :func:`due` is true at the returned time (a
+    scanner that sleeps until it never wakes up to find nothing due).
+    """
     if idle_since is None:
         return expires_at
-    return min(expires_at, idle_since + idle_timeout + grace)
+    bound = idle_since + idle_timeout
+    idle_end = bound + grace
+    # ``due`` compares ``bound <= now - grace``; ``(bound + grace) - grace`` can
+    # round below ``bound``: step up to the first float for which it does not.
+    while idle_end - grace < bound:
+        idle_end = math.nextafter(idle_end, math.inf)
+    return min(expires_at, idle_end)
 
 
 #: The rule in SQL, over the ``sessions`` table. Parameters, in order:

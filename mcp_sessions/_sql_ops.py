@@ -92,9 +92,11 @@ class Operations:
         row = _one(cur)
         return to_reason(row[0]) if row is not None else None
 
-    def expire(self, cur: Any, *, session_id: str, now: float) -> TerminationReason | None:
-        # DUE_SQL's parameters are (now, now - grace); a store applies no grace.
-        cur.execute(self._sql.expire, (now, now, session_id, now, now))
+    def expire(
+        self, cur: Any, *, session_id: str, now: float, grace: float
+    ) -> TerminationReason | None:
+        # DUE_SQL's parameters are (now, now - grace).
+        cur.execute(self._sql.expire, (now, now, session_id, now, now - grace))
         row = _one(cur)
         return to_reason(row[0]) if row is not None else None
 
@@ -151,8 +153,10 @@ class Operations:
         cur.execute(self._sql.counts)
         return {(str(s), str(k)): int(n) for s, k, n in cur.fetchall()}
 
-    def sweep(self, cur: Any, *, now: float, limit: int) -> list[tuple[str, TerminationReason]]:
-        cur.execute(self._sql.sweep, (now, now, now, now, limit))
+    def sweep(
+        self, cur: Any, *, now: float, limit: int, grace: float
+    ) -> list[tuple[str, TerminationReason]]:
+        cur.execute(self._sql.sweep, (now, now, now, now - grace, limit))
         ended = []
         for session_id, reason in cur.fetchall():
             why = to_reason(reason)

@@ -33,7 +33,7 @@ class Statements:
     terminate: str
     #: id -> reason.
     reason_of: str
-    #: now, now, id, now, now -> RETURNING reason.
+    #: now, now, id, now, now - grace -> RETURNING reason.
     expire: str
     #: id -> state, reason, doc, version (row-locked where the dialect locks rows).
     patch_read: str
@@ -49,7 +49,7 @@ class Statements:
     list_recent: str
     #: -> state, kind, count.
     counts: str
-    #: now, now, now, now, limit -> RETURNING id, reason.
+    #: now, now, now, now - grace, limit -> RETURNING id, reason.
     sweep: str
     #: before.
     purge: str

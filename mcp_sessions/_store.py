@@ -128,11 +128,12 @@ class SessionRecord:
         except ValueError:
             return TerminationReason.ERROR
 
-    def due(self, now: float) -> TerminationReason | None:
+    def due(self, now: float, *, grace: float = 0.0) -> TerminationReason | None:
         """The reason this live session should end at wall time ``now``, if any.
 
         The one rule of :func:`mcp_sessions._expiry.due`: a stored session can
-        idle out only in state ``idle``, counted from ``last_active``.
+        idle out only in state ``idle``, counted from ``last_active``; ``grace``
+        widens the idle bound only.
         """
         if not self.live:
             return None
@@ -141,6 +142,7 @@ class SessionRecord:
             expires_at=self.expires_at,
             idle_since=self.last_active if self.state == LIVE else None,
             idle_timeout=self.idle_timeout,
+            grace=grace,
         )
 
 
@@ -243,9 +245,12 @@ class SessionStore(Protocol):
         writes the final activity counters in the same transaction.
         """
 
-    async def expire(self, session_id: str, now: float) -> TerminationReason | None:
+    async def expire(
+        self, session_id: str, now: float, *, grace: float = 0.0
+    ) -> TerminationReason | None:
         """End the session if its idle or absolute deadline has passed at ``now``.
 
+        ``grace`` widens the idle bound only (use elsewhere not written yet).
         Returns the reason if *this call* ended it, else None.
         """
 
@@ -273,8 +278,11 @@ class SessionStore(Protocol):
     async def counts(self) -> dict[tuple[str, str], int]:
         """Number of records by ``(state, kind)`` (operators)."""
 
-    async def sweep(self, now: float, limit: int = 1000) -> list[tuple[str, TerminationReason]]:
-        """End up to ``limit`` sessions whose deadline passed; return what *this call* ended."""
+    async def sweep(
+        self, now: float, limit: int = 1000, *, grace: float = 0.0
+    ) -> list[tuple[str, TerminationReason]]:
+        """End up to ``limit`` sessions whose deadline passed (``grace`` widens the idle
+        bound only); return what *this call* ended."""
 
     async def purge(self, before: float) -> int:
         """Delete terminated records that ended before ``before``; return how many."""
@@ -396,11 +404,13 @@ class MemoryStore:
         )
         return reason
 
-    async def expire(self, session_id: str, now: float) -> TerminationReason | None:
+    async def expire(
+        self, session_id: str, now: float, *, grace: float = 0.0
+    ) -> TerminationReason | None:
         await trio.lowlevel.checkpoint()
         self._count("expire", write=True)
         record = self._records.get(session_id)
-        reason = record.due(now) if record is not None else None
+        reason = record.due(now, grace=grace) if record is not None else None
         if record is None or reason is None:
             return None
         self._records[session_id] = attrs.evolve(
@@ -461,14 +471,16 @@ class MemoryStore:
             result[(r.state, r.kind)] = result.get((r.state, r.kind), 0) + 1
         return result
 
-    async def sweep(self, now: float, limit: int = 1000) -> list[tuple[str, TerminationReason]]:
+    async def sweep(
+        self, now: float, limit: int = 1000, *, grace: float = 0.0
+    ) -> list[tuple[str, TerminationReason]]:
         await trio.lowlevel.checkpoint()
         self._count("sweep", write=True)
         ended: list[tuple[str, TerminationReason]] = []
         for record in list(self._records.values()):
             if len(ended) >= limit:
                 break
-            reason = record.due(now)
+            reason = record.due(now, grace=grace)
             if reason is not None:
                 self._records[record.id] = attrs.evolve(
                     record, state=TERMINATED, reason=reason.value, terminated_at=now

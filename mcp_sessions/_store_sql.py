@@ -235,8 +235,10 @@ class SQLStoreBase:
         fn = partial(self._ops.terminate, session_id=session_id, reason=reason, at=at, touch=touch)
         return await self._run("terminate", fn, write=True, key=session_id)
 
-    async def expire(self, session_id: str, now: float) -> TerminationReason | None:
-        fn = partial(self._ops.expire, session_id=session_id, now=now)
+    async def expire(
+        self, session_id: str, now: float, *, grace: float = 0.0
+    ) -> TerminationReason | None:
+        fn = partial(self._ops.expire, session_id=session_id, now=now, grace=grace)
         return await self._run("expire", fn, write=True, key=session_id)
 
     async def patch_state(
@@ -274,11 +276,14 @@ class SQLStoreBase:
     async def counts(self) -> dict[tuple[str, str], int]:
         return await self._run("counts", self._ops.counts, write=False)
 
-    async def sweep(self, now: float, limit: int = 1000) -> list[tuple[str, TerminationReason]]:
+    async def sweep(
+        self, now: float, limit: int = 1000, *, grace: float = 0.0
+    ) -> list[tuple[str, TerminationReason]]:
         if limit <= 0:
             await trio.lowlevel.checkpoint()
             return []
-        return await self._run("sweep", partial(self._ops.sweep, now=now, limit=limit), write=True)
+        fn = partial(self._ops.sweep, now=now, limit=limit, grace=grace)
+        return await self._run("sweep", fn, write=True)
 
     async def purge(self, before: float) -> int:
         return await self._run("purge", partial(self._ops.purge, before=before), write=True)

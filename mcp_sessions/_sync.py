@@ -278,21 +278,6 @@ class _Stored:
         self.ready_written = ready
 
 
-def _epoch(store: SessionStore) -> int | None:  # TEMP until the stores land change_epoch
-    fn = getattr(store, "change_epoch", None)
-    value = fn() if fn is not None else None
-    return value if isinstance(value, int) else None
-
-
-async def _load_by_hash(
-    store: SessionStore, digest: str, known: int | None
-) -> SessionRecord | None:
-    try:  # TEMP until the stores land known_version
-        return await store.load_by_hash(digest, known_version=known)
-    except TypeError:
-        return await store.load_by_hash(digest)
-
-
 def _stored(session: Session) -> _Stored | None:
     st = session._sync
     return st if isinstance(st, _Stored) else None
@@ -371,7 +356,7 @@ class DurableSync(_Base):
                                    exc, extra={"session_id": session.id})  # fmt: skip
             return
         session._sync = _Stored(ready=ready)
-        session._sync.epoch = _epoch(self._store)
+        session._sync.epoch = self._store.change_epoch()
 
     def ready(self, session: Session) -> None:
         st = _stored(session)
@@ -388,7 +373,7 @@ class DurableSync(_Base):
     async def resolve(self, digest: str, principal: str) -> Session:
         store = self._store
         local = self._registry.by_hash(digest)
-        epoch = _epoch(store)
+        epoch = store.change_epoch()
         known: int | None = None
         if local is not None and local.principal == principal and local.live:
             st = _stored(local)
@@ -396,19 +381,19 @@ class DurableSync(_Base):
                 self._validated("ok")  # nothing written elsewhere since we last looked
                 return local
             known = local._version
-        record = await self._call(_load_by_hash(store, digest, known))
+        record = await self._call(store.load_by_hash(digest, known_version=known))
         if record is None or record.principal != principal or record.kind != "handle":
             return self._resolve_here(digest, principal)
-        if record.live:
-            due, cutoff = self._due(record, self._registry.by_hash(digest))
-            if due is not None:
-                ended = await self._call(store.expire(record.id, cutoff))
-                fresh = await self._call(store.load(record.id))
-                if fresh is not None:
-                    record = fresh
-                elif ended is not None:
-                    self._validated("gone")
-                    raise gone(record.id, ended)
+        if record.live and self._due(record, self._registry.by_hash(digest)) is not None:
+            ended = await self._call(
+                store.expire(record.id, self._clock.wall(), grace=self.idle_grace)
+            )
+            fresh = await self._call(store.load(record.id))
+            if fresh is not None:
+                record = fresh
+            elif ended is not None:
+                self._validated("gone")
+                raise gone(record.id, ended)
         local = self._registry.by_hash(digest)  # may have changed while we awaited
         if not record.live:
             if local is not None and local.live:
@@ -447,28 +432,21 @@ class DurableSync(_Base):
             raise gone(tomb.id, ended or reason)
         return await self._adopt(record)
 
-    def _due(
-        self, record: SessionRecord, local: Session | None
-    ) -> tuple[TerminationReason | None, float]:
-        """Whether a live stored session is due now, counting this process's own unwritten
-        use, and the cutoff to ask the store to expire it at (the idle bound allows
-        the grace; the stores take one cutoff for both bounds)."""
+    def _due(self, record: SessionRecord, local: Session | None) -> TerminationReason | None:
+        """Whether a live stored session is due now, counting this process's own unwritten use."""
         now = self._clock.wall()
         last_active = record.last_active
         if local is not None and local.live:
             if local.in_flight:
-                return None, now
+                return None
             last_active = max(last_active, self._clock.wall_at(local.last_active_time))
-        due = _expiry.due(
+        return _expiry.due(
             now,
             expires_at=record.expires_at,
             idle_since=last_active if record.state == LIVE else None,
             idle_timeout=record.idle_timeout,
             grace=self.idle_grace,
         )
-        if due is TerminationReason.IDLE_TIMEOUT:
-            return due, now - self.idle_grace
-        return due, now
 
     def adopted(self, session: Session, record: SessionRecord) -> None:
         """Take a session the supervisor brought in from ``record``."""
@@ -477,7 +455,7 @@ class DurableSync(_Base):
 
     def _take_in(self, session: Session, record: SessionRecord) -> None:
         """What other processes did: a newer document, later activity."""
-        if getattr(record, "doc_loaded", True) and record.version > session._version:
+        if record.doc_loaded and record.version > session._version:
             session._doc, session._version = dict(record.doc), record.version
         elsewhere = min(self._clock.trio_at(record.last_active), trio.current_time())
         Requests.saw_activity(session, elsewhere)
@@ -672,11 +650,10 @@ class DurableSync(_Base):
         st = _stored(session)
         assert st is not None
         store = self._store
-        cutoff = self._clock.wall()
-        if local is TerminationReason.IDLE_TIMEOUT:
-            cutoff -= self.idle_grace
         try:
-            reason = await self._call(store.expire(session.id, cutoff))
+            reason = await self._call(
+                store.expire(session.id, self._clock.wall(), grace=self.idle_grace)
+            )
             if reason is None:
                 record = await self._call(store.load(session.id))
                 if record is not None and record.live:
@@ -706,7 +683,7 @@ class DurableSync(_Base):
                 if self._dirty:
                     await self._flush_touches()  # our own recent use first
                 now = self._clock.wall()
-                ended = await self._call(store.sweep(now - self.idle_grace))
+                ended = await self._call(store.sweep(now, grace=self.idle_grace))
                 for session_id, reason in ended:
                     session = self._registry.get(session_id)
                     if session is not None and session.live:

@@ -109,11 +109,6 @@ def test_nothing_is_due_before_next_deadline_and_it_is_due_then(
     assert due(before, **kw) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_expiry: next_deadline adds grace, due subtracts it from now, and "
-    "(a + b + g) - g can round below a + b: due(next_deadline(...)) may be None",
-)
 @settings(max_examples=1000)
 @given(
     idle_since=st.integers(0, 10**6).map(lambda n: n / 1000),

@@ -298,6 +298,17 @@ async def test_expire_prefers_lifetime_when_both_due(store: SessionStore) -> Non
     assert await store.expire("s", T0 + 30) is R.LIFETIME_EXCEEDED
 
 
+async def test_grace_widens_the_idle_bound_only(store: SessionStore) -> None:
+    await store.create(record("idle", idle_timeout=10, lifetime=100))
+    await store.create(record("old", idle_timeout=1000, lifetime=100))
+    await store.create(record("swept", idle_timeout=10, lifetime=100))
+    assert await store.expire("idle", T0 + 14, grace=5) is None
+    assert await store.expire("idle", T0 + 15, grace=5) is R.IDLE_TIMEOUT
+    assert await store.expire("old", T0 + 100, grace=5) is R.LIFETIME_EXCEEDED
+    assert await store.sweep(T0 + 14, grace=5) == []
+    assert await store.sweep(T0 + 15, grace=5) == [("swept", R.IDLE_TIMEOUT)]
+
+
 async def test_touch_moves_idle_deadline(store: SessionStore) -> None:
     await store.create(record("s", idle_timeout=10))
     await store.touch([Touch("s", last_active=T0 + 8)])
