@@ -13,8 +13,8 @@ it in ``__slots__``:
   (:mod:`mcp_sessions._lifecycle`), through ``_state.apply``;
 - ``_in_flight``, ``_last_active``, ``_idle_since``, ``_requests``,
   ``_errors``, ``_scopes``: request accounting (:mod:`mcp_sessions._requests`);
-- ``_nursery``, ``_parked``, ``_background``, ``_torn_down``: the session's
-  own task (:mod:`mcp_sessions._tasks`);
+- ``_nursery``, ``_parked``, ``_pending``, ``_background``, ``_torn_down``:
+  the session's own task (:mod:`mcp_sessions._tasks`);
 - ``_doc``, ``_version``, ``_sync``: store synchronisation
   (:mod:`mcp_sessions._sync`).
 
@@ -180,6 +180,7 @@ class Session:
         "_background",
         "_nursery",
         "_parked",
+        "_pending",
         "_torn_down",
         # store synchronisation
         "_doc",
@@ -232,6 +233,9 @@ class Session:
         self._background = 0
         self._nursery: trio.Nursery | None = None
         self._parked: trio.lowlevel.Task | None = None
+        self._pending: (
+            list[tuple[Callable[..., Awaitable[object]], tuple[object, ...], str]] | None
+        ) = None
         self._torn_down = False
         self._doc: dict[str, Any] | None = None
         self._version = 0

@@ -4,10 +4,13 @@ Theory of operation
 ===================
 
 Each session has one task in the supervisor's nursery (the supervisor
-starts it; this module is its body). The task opens the session's nursery,
-runs the setup (or resume) hook, reports ``started``, and parks: waiting to
-be rescheduled is far cheaper than waiting to be cancelled, which matters
-when 100 000 sessions expire at once. :meth:`SessionTasks.stop` -- the
+starts it; this module is its body). The task runs the setup (or resume)
+hook, reports ``started``, and parks: waiting to be rescheduled is far
+cheaper than waiting to be cancelled, which matters when 100 000 sessions
+expire at once. The session's nursery is opened when it is first needed:
+around the setup hook if there is one (it may start background work and
+wait on it), or when background work is first asked for; a session that
+never runs any (most do not) costs a parked task and nothing more. :meth:`SessionTasks.stop` -- the
 lifecycle's ``on_terminating`` -- cancels the session's requests and wakes
 the task (cancelling the nursery too when background work runs). The task
 then writes the end to the store, runs teardown once (shielded) and hands
@@ -65,21 +68,38 @@ class SessionTasks:
     async def run(
         self, session: Session, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Hold the session's nursery from creation until it is TERMINATED."""
+        """Run the session from creation until it is TERMINATED."""
         hooks, lifecycle = self._hooks, self._lifecycle
         started = False
         try:
-            async with trio.open_nursery() as nursery:
-                session._nursery = nursery
-                if session.live and hooks.has_setup(session) and not await hooks.setup(session):
-                    lifecycle.terminate(session, TerminationReason.ERROR)
+            if hooks.has_setup(session):
+                # A setup hook may start background work and wait on it: it
+                # runs inside the session's nursery.
+                async with trio.open_nursery() as nursery:
+                    session._nursery = nursery
+                    if session.live and not await hooks.setup(session):
+                        lifecycle.terminate(session, TerminationReason.ERROR)
+                    started = True
+                    task_status.started()
+                    await _hold(session, nursery)
+            else:
                 started = True
                 task_status.started()
-                if session.live:
+                # Parked without a nursery until background work is asked for:
+                # most sessions never start any, and need not pay for one.
+                while session.live:
                     await _park(session)
-                if session._background:
-                    nursery.cancel_scope.cancel()
+                    if session._pending and session.live:
+                        async with trio.open_nursery() as nursery:
+                            session._nursery = nursery
+                            pending, session._pending = session._pending, None
+                            for fn, args, name in pending:
+                                nursery.start_soon(self._guard, session, fn, args, name=name)
+                            await _hold(session, nursery)
         finally:
+            if session._pending:  # asked for, never started: the session ended first
+                session._background -= len(session._pending)
+                session._pending = None
             if not started:
                 # Ended (or cancelled) while its setup ran: the creator still hears
                 # back, and sees the session ending.
@@ -118,9 +138,20 @@ class SessionTasks:
         name: str | None,
     ) -> None:
         session.check_live()
-        assert session._nursery is not None
         session._background += 1
-        session._nursery.start_soon(self._guard, session, fn, args, name=name or _task_name(fn))
+        task_name = name or _task_name(fn)
+        nursery = session._nursery
+        if nursery is not None:
+            nursery.start_soon(self._guard, session, fn, args, name=task_name)
+            return
+        # No nursery yet: hand the work to the session's task, which opens one.
+        if session._pending is None:
+            session._pending = []
+        session._pending.append((fn, args, task_name))
+        parked = session._parked
+        if parked is not None:
+            session._parked = None
+            trio.lowlevel.reschedule(parked)
 
     async def _guard(
         self, session: Session, fn: Callable[..., Awaitable[object]], args: tuple[object, ...]
@@ -134,6 +165,14 @@ class SessionTasks:
             self._lifecycle.terminate(session, TerminationReason.ERROR)
         finally:
             session._background -= 1
+
+
+async def _hold(session: Session, nursery: trio.Nursery) -> None:
+    """Park inside the session's nursery until the session ends; then stop its work."""
+    while session.live:
+        await _park(session)
+    if session._background:
+        nursery.cancel_scope.cancel()
 
 
 async def _park(session: Session) -> None:

@@ -832,3 +832,70 @@ async def test_stale_deadline_entries_stay_bounded(
             await sup.close(session)
         assert sup.live_count == 0
         assert sup.scheduled_deadlines <= 1024
+
+
+async def test_background_work_asked_for_just_before_the_end_never_runs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    ran: list[str] = []
+
+    async def job() -> None:
+        ran.append("job")
+
+    async with open_supervisor() as sup:
+        session, _ = await sup.open_handle_session(principal="alice")
+        session.start_soon(job)
+        assert session.snapshot().background_tasks == 1
+        sup.terminate(session, TerminationReason.CLOSED)  # same tick: the job never started
+        await sup.wait_terminated(session)
+        assert ran == []
+        assert session.snapshot().background_tasks == 0
+        sup.check_invariants()
+
+
+async def test_setup_may_start_background_work_and_wait_for_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def setup(session: Session) -> None:
+        ready = trio.Event()
+
+        async def connect() -> None:
+            await trio.sleep(1)
+            ready.set()
+            await trio.sleep_forever()
+
+        session.start_soon(connect)
+        await ready.wait()  # the job runs while setup waits on it
+
+    async with open_supervisor(hooks=Hooks(setup=setup)) as sup:
+        session, _ = await sup.open_handle_session(principal="alice")
+        assert session.state is SessionState.IDLE
+        assert session.snapshot().background_tasks == 1
+        await sup.close(session)
+        assert session.snapshot().background_tasks == 0
+
+
+async def test_background_work_started_later_runs_and_is_cancelled_at_the_end(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    events: list[str] = []
+
+    async def job(tag: str) -> None:
+        try:
+            events.append(f"start {tag}")
+            await trio.sleep_forever()
+        finally:
+            events.append(f"stop {tag}")
+
+    async with open_supervisor() as sup:
+        session, _ = await sup.open_handle_session(principal="alice")
+        await trio.sleep(5)
+        async with sup.request(session):
+            session.start_soon(job, "a")
+            session.start_soon(job, "b")
+        await trio.sleep(1)
+        session.start_soon(job, "c")  # the nursery is open now
+        await trio.sleep(1)
+        assert sorted(events) == ["start a", "start b", "start c"]
+        await sup.close(session)
+        assert sorted(events[3:]) == ["stop a", "stop b", "stop c"]
