@@ -49,7 +49,7 @@ class Settings:
     #: How long a terminated session is remembered, so late use says
     #: "expired"/"closed" rather than "unknown".
     tombstone_retention: float = attrs.field(default=24 * 3600.0, validator=v.ge(0.0))
-    #: How often the cleanup scanner looks at its deadline heap. An expired
+    #: How often the cleanup scanner looks at its deadline schedule. An expired
     #: session ends within one interval of its deadline.
     cleanup_interval: float = attrs.field(default=1.0, validator=_positive)
     #: Time allowed for the ``setup`` hook; past it the session ends with ``error``.
