@@ -306,11 +306,15 @@ async def test_postgres_outage_gives_store_unavailable_and_recovers(pg_url: str)
 
 
 async def test_concurrent_calls_on_a_handle_opened_by_another_process(shared_url: str) -> None:
-    """Many calls naming one handle at once, in a process that has not seen it yet: the first
-    brings it in, the rest wait for it. The same path end to end as the in-process
-    ``test_concurrent_resolves_of_a_handle_opened_elsewhere_share_one_session``, which pins
-    the waiters' crash of issue 7 deterministically (here it depended on timing)."""
-    async with connect(shared_url, "legacy") as first, connect(shared_url, "auto") as second:
+    """Many calls naming one handle at once, in a process that has not seen it yet and takes a
+    while to bring it in (its resume hook sleeps): the first call brings it in, the rest wait
+    for it. (The waiters' crash of issue 7 is pinned in process, deterministically, by
+    ``test_concurrent_resolves_of_a_handle_opened_elsewhere_share_one_session``; over stdio it
+    did not reproduce reliably against the old code.)"""
+    slow = StdioServerParameters(
+        command=PYTHON, args=[str(Path(__file__).parent / "e2e_slow_resume.py"), shared_url, "0.5"]
+    )
+    async with connect(shared_url, "legacy") as first, Client(slow, mode="auto") as second:
         handle = ok(await first.call_tool("session_open", {}))["session"]
         ok(await first.call_tool("session_state_patch", {"session": handle, "patch": {"n": 1}}))
         results: list[Any] = []
@@ -322,12 +326,13 @@ async def test_concurrent_calls_on_a_handle_opened_by_another_process(shared_url
             args = {"session": handle, "patch": {f"k{i}": i}}
             results.append(await second.call_tool("session_state_patch", args))
 
-        async with trio.open_nursery() as nursery:
-            for i in range(10):
-                nursery.start_soon(get)
-                nursery.start_soon(patch, i)
-        assert len(results) == 20
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i in range(5):
+                    nursery.start_soon(get)
+                    nursery.start_soon(patch, i)
+        assert len(results) == 10
         assert all(not r.is_error for r in results), [r for r in results if r.is_error]
         final = ok(await first.call_tool("session_state_get", {"session": handle}))
-        assert final["version"] == 11
-        assert final["state"] == {"n": 1, **{f"k{i}": i for i in range(10)}}
+        assert final["version"] == 6
+        assert final["state"] == {"n": 1, **{f"k{i}": i for i in range(5)}}
