@@ -552,6 +552,8 @@ class Supervisor:
             scheduled = self._schedule.deadline(session.id)
             if session.state is _S.INITIALIZING and scheduled is None:
                 pass  # its setup hook is still running (bounded by setup_timeout)
+            elif scheduled is None and self._sync.confirming(session):
+                pass  # found due; the store is confirming it
             elif session.state in LIVE_STATES:
                 assert scheduled is not None, f"{session} has no deadline"
                 due = self._lifecycle.next_deadline(session)
@@ -585,7 +587,13 @@ class Supervisor:
         # Register before the first checkpoint, so limits see the slot taken.
         self._registry.add(session)
         self._lifecycle.created(session)
-        await nursery.start(self._tasks.run, session, name=f"mcp_sessions.session.{session.id}")
+        # The new task runs its setup in our cancel context until it reports
+        # started: shield it, so a caller giving up (a client's cancellation)
+        # cannot end a session that other callers may be waiting for. Setup is
+        # bounded by its own timeout; the caller's cancellation lands after.
+        with trio.CancelScope(shield=True):
+            name = f"mcp_sessions.session.{session.id}"
+            await nursery.start(self._tasks.run, session, name=name)
         if not session.live:
             await self.wait_terminated(session)
             raise self._ended_during_creation(session)

@@ -142,6 +142,10 @@ class StoreSync(Protocol):
         """The scanner found it due: True to end it now, False if the sync will confirm."""
         ...
 
+    def confirming(self, session: Session) -> bool:
+        """Whether the sync is confirming this session's expiry (it is unscheduled meanwhile)."""
+        ...
+
     async def list_records(self, principal: str) -> list[SessionRecord]: ...
     async def health(self) -> StoreHealth | None: ...
     async def flush(self) -> None:
@@ -238,6 +242,9 @@ class LocalSync(_Base):
     def confirm_expiry(self, session: Session) -> bool:
         return True
 
+    def confirming(self, session: Session) -> bool:
+        return False
+
     async def list_records(self, principal: str) -> list[SessionRecord]:
         return [
             record_of(s, self._clock, ready=s.state is not _S.INITIALIZING)
@@ -257,6 +264,7 @@ class _Stored:
 
     __slots__ = (
         "closing",
+        "creating",
         "end_written",
         "epoch",
         "flushed_errors",
@@ -267,9 +275,13 @@ class _Stored:
     def __init__(self, *, requests: int = 0, errors: int = 0, ready: bool = True) -> None:
         #: Set while one caller writes a close; the others wait for it.
         self.closing: trio.Event | None = None
+        #: Set while the record is being inserted; patches wait for it.
+        self.creating: trio.Event | None = None
         #: The store already has this session's end.
         self.end_written = False
-        #: The store's change epoch when the session was last checked against it.
+        #: The store's change epoch when the session was last checked against it;
+        #: ``None`` (read the store on next use) until checked, and whenever a
+        #: write's outcome is unknown.
         self.epoch: int | None = None
         #: Counters as last written.
         self.flushed_requests = requests
@@ -310,7 +322,7 @@ class DurableSync(_Base):
         self.idle_grace = settings.touch_interval if store.durable else 0.0
         self._dirty: dict[Session, None] = {}  # activity not yet written (ordered set)
         self._unready: dict[Session, None] = {}  # "ready" not yet written
-        self._expiring: list[Session] = []  # due here; the store must confirm
+        self._expiring: dict[Session, None] = {}  # due here; the store must confirm (in order)
         self._wake_flusher = trio.Event()
         self._wake_reconciler = trio.Event()
 
@@ -343,7 +355,19 @@ class DurableSync(_Base):
     # -- opening ---------------------------------------------------------------------
 
     async def created(self, session: Session, *, ready: bool) -> None:
-        await self._call(self._store.create(record_of(session, self._clock, ready=ready)))
+        record = record_of(session, self._clock, ready=ready)
+        # From here the record carries no later patch: patches wait for the
+        # insert, then go to the store.
+        st = session._sync = _Stored(ready=ready)
+        creating = st.creating = trio.Event()
+        try:
+            await self._call(self._store.create(record))
+        except BaseException:
+            session._sync = None
+            raise
+        finally:
+            st.creating = None
+            creating.set()
         if not session.live:
             # Ended while the store recorded it (a shutdown, say); its task found
             # no record to end. Its handle was never handed out: end the record.
@@ -354,9 +378,9 @@ class DurableSync(_Base):
                 except Exception as exc:
                     logger.warning("could not record the end of session %s: %s", session.id,
                                    exc, extra={"session_id": session.id})  # fmt: skip
+            st.end_written = True
             return
-        session._sync = _Stored(ready=ready)
-        session._sync.epoch = self._store.change_epoch()
+        st.epoch = self._store.change_epoch()
 
     def ready(self, session: Session) -> None:
         st = _stored(session)
@@ -365,7 +389,7 @@ class DurableSync(_Base):
             self._wake_flusher.set()
 
     def activity(self, session: Session) -> None:
-        if session._sync is not None:
+        if session._sync is not None and session.live:
             self._dirty[session] = None
 
     # -- naming a handle ----------------------------------------------------------------
@@ -377,11 +401,21 @@ class DurableSync(_Base):
         known: int | None = None
         if local is not None and local.principal == principal and local.live:
             st = _stored(local)
-            if st is not None and epoch is not None and st.epoch == epoch:
+            if (
+                st is not None
+                and epoch is not None
+                and st.epoch == epoch
+                and self._lifecycle.due(local, trio.current_time()) is None
+            ):
                 self._validated("ok")  # nothing written elsewhere since we last looked
                 return local
             known = local._version
         record = await self._call(store.load_by_hash(digest, known_version=known))
+        if record is None:
+            local = self._registry.by_hash(digest)
+            if local is not None and local.live and local.principal == principal and _stored(local):
+                # Stored once, gone now: it ended elsewhere and its record was purged.
+                self._ended_elsewhere(local, TerminationReason.CLOSED)
         if record is None or record.principal != principal or record.kind != "handle":
             return self._resolve_here(digest, principal)
         if record.live and self._due(record, self._registry.by_hash(digest)) is not None:
@@ -473,7 +507,14 @@ class DurableSync(_Base):
         self, session: Session, patch: Mapping[str, Any], if_version: int | None
     ) -> int:
         session.check_live()
-        if _stored(session) is None:
+        st = _stored(session)
+        if st is not None and st.creating is not None:
+            await st.creating.wait()  # being inserted: the record no longer carries patches
+            session.check_live()
+            st = _stored(session)
+            if st is None:  # the insert failed; the session is ending
+                raise gone(session.id, session.reason or TerminationReason.ERROR)
+        if st is None:
             # Not recorded yet (its setup hook is running): the record will carry it.
             return _patch_here(session, patch, if_version)
         try:
@@ -484,6 +525,12 @@ class DurableSync(_Base):
             )
         except SessionGone as exc:
             self._ended_elsewhere(session, exc.reason)
+            raise
+        except BaseException:
+            # Our copy may be stale now: a version conflict says so, and a patch
+            # given up on (cancelled, timed out) may have been committed anyway.
+            # The next use reads the store instead of trusting it.
+            st.epoch = None
             raise
         if version > session._version:
             session._doc, session._version = doc, version
@@ -504,12 +551,15 @@ class DurableSync(_Base):
             return
 
     async def _write_close(self, session: Session, st: _Stored, reason: TerminationReason) -> None:
-        touch = self._take_touch(session, st)
+        touch = self._take_touch(session, st, final=True)
         try:
             ended = await self._call(
                 self._store.terminate(session.id, reason, self._clock.wall(), touch)
             )
-        except Exception:
+        except BaseException as exc:
+            st.epoch = None  # a close given up on may have been committed: read it next time
+            if not isinstance(exc, Exception):
+                raise
             self._give_back(session, st, touch)
             if reason is TerminationReason.CLOSED:
                 raise
@@ -527,10 +577,10 @@ class DurableSync(_Base):
         st = _stored(session)
         self._dirty.pop(session, None)
         self._unready.pop(session, None)
-        if st is None or st.end_written:
-            return
+        if st is None or st.end_written or st.creating is not None:
+            return  # (while the insert runs, created() ends the record after it)
         reason = session.reason or TerminationReason.ERROR
-        touch = self._take_touch(session, st)
+        touch = self._take_touch(session, st, final=True)
         store = self._store
         keep = reason is TerminationReason.SHUTDOWN and session.kind is SessionKind.HANDLE
         with trio.move_on_after(self._settings.teardown_timeout):
@@ -546,21 +596,24 @@ class DurableSync(_Base):
 
     # -- activity --------------------------------------------------------------------
 
-    def _take_touch(self, session: Session, st: _Stored) -> Touch:
+    def _take_touch(self, session: Session, st: _Stored, *, final: bool = False) -> Touch:
         """The session's unwritten activity, counted as written from now on.
 
         Taking it moves the baseline at once, so two writers in flight never
-        send the same increments twice; one that fails gives it back.
+        send the same increments twice; one that fails gives it back. The
+        ``final`` touch (the end) also counts the requests still in flight
+        (the closing request itself, say): nothing is written after the end.
         """
         self._dirty.pop(session, None)
         last = trio.current_time() if session.in_flight else session.last_active_time
+        requests = session.requests + (session.in_flight if final else 0)
         touch = Touch(
             session.id,
             self._clock.wall_at(last),
-            session.requests - st.flushed_requests,
+            requests - st.flushed_requests,
             session.errors - st.flushed_errors,
         )
-        st.flushed_requests = session.requests
+        st.flushed_requests = requests
         st.flushed_errors = session.errors
         return touch
 
@@ -627,9 +680,12 @@ class DurableSync(_Base):
         st = _stored(session)
         if st is None or st.end_written:
             return True
-        self._expiring.append(session)
+        self._expiring[session] = None
         self._wake_reconciler.set()
         return False
+
+    def confirming(self, session: Session) -> bool:
+        return session in self._expiring
 
     async def _reconciler(self) -> None:
         """Confirm expiries with the store, which knows about use in other processes."""
@@ -637,11 +693,12 @@ class DurableSync(_Base):
             if not self._expiring:
                 await self._wake_reconciler.wait()
                 self._wake_reconciler = trio.Event()
-            batch, self._expiring = self._expiring, []
-            for session in batch:
+            while self._expiring:
+                session = next(iter(self._expiring))
                 if session.live:
                     await self._reconcile(session)
                     self._lifecycle.reschedule(session)  # never left unscheduled
+                self._expiring.pop(session, None)
 
     async def _reconcile(self, session: Session) -> None:
         local = self._lifecycle.due(session, trio.current_time())

@@ -9,6 +9,8 @@ handle sessions at shutdown. The real backends run the same contract in
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -359,7 +361,12 @@ class SlowStore(DurableMemoryStore):
     async def expire(self, *args: Any, **kwargs: Any) -> Any:
         if self.down:
             await trio.sleep(2)  # failing takes a while (a lock or connection timeout)
+        await self._slow("expire")
         return await super().expire(*args, **kwargs)
+
+    async def create(self, record: Any) -> None:
+        await self._slow("create")
+        await super().create(record)
 
 
 async def test_own_unwritten_use_keeps_a_session_from_expiring_at_resolve(
@@ -604,3 +611,189 @@ async def test_a_handle_call_reads_the_store_once_and_skips_the_document_it_has(
         again = await a.resolve_handle(handle, "alice")  # b's patch is seen
         assert again.state_document() == {"big": "x" * 1000, "n": 2}
         assert again.version == 2
+
+
+# -- review findings (runtime v2) ---------------------------------------------------------
+
+
+async def test_a_caller_giving_up_does_not_end_a_session_others_wait_for(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def resume(session: Session) -> None:
+        await trio.sleep(1)
+
+    store = DurableMemoryStore()
+    async with process(store) as a, process(store, hooks=Hooks(resume=resume)) as b:
+        opened, handle = await a.open_handle_session(principal="alice")
+        outcomes: dict[str, str] = {}
+
+        async def first() -> None:
+            with trio.move_on_after(0.5):  # the client cancels its call
+                await b.resolve_handle(handle, "alice")
+            outcomes["first"] = "gave up"
+
+        async def second() -> None:
+            await trio.sleep(0.1)
+            outcomes["second"] = (await b.resolve_handle(handle, "alice")).state.value
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            nursery.start_soon(second)
+        assert outcomes == {"first": "gave up", "second": "idle"}
+        assert b.tombstones() == []
+        assert (await stored(store, opened.id)).live
+
+
+async def test_a_patch_while_the_record_is_inserted_is_committed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = SlowStore()
+    store.delay["create"] = 1.0
+    acked: list[int] = []
+
+    async def patch_soon(session: Session) -> None:
+        await trio.sleep(0.5)  # lands while the insert is in flight
+        acked.append(await session.patch_state({"x": 1}))
+
+    async def setup(session: Session) -> None:
+        session.start_soon(patch_soon, session)
+
+    async with process(store, hooks=Hooks(setup=setup)) as sup:
+        session, _ = await sup.open_handle_session(principal="alice")
+        await trio.sleep(1)
+        assert acked == [1]
+        record = await stored(store, session.id)
+        assert (record.version, dict(record.doc)) == (1, {"x": 1})
+        assert session.state_document() == {"x": 1}
+
+
+class QuietStore(SlowStore):
+    """One process alone: nobody else writes, so an unchanged epoch is a promise."""
+
+    def change_epoch(self) -> int | None:
+        return 0
+
+
+@pytest.mark.parametrize("store_type", [SlowStore, QuietStore])
+async def test_a_session_due_here_is_refused_at_resolve_not_cancelled_mid_call(
+    autojump_clock: trio.testing.MockClock, store_type: type[SlowStore]
+) -> None:
+    store = store_type()
+    store.delay["expire"] = 0.5
+    async with process(store) as sup:
+        _, handle = await sup.open_handle_session(principal="alice")
+        await trio.sleep(SETTINGS.idle_timeout + SETTINGS.touch_interval + 0.1)  # found due
+        with pytest.raises(SessionExpired):
+            await sup.resolve_handle(handle, "alice")
+
+
+async def test_a_session_that_closes_itself_is_released_and_its_last_request_counted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = DurableMemoryStore()
+    async with process(store) as sup:
+        session, _ = await sup.open_handle_session(principal="alice")
+        await session.patch_state({"blob": "x" * 100_000})
+        async with sup.request(session):
+            pass
+        async with sup.request(session):  # the session_close tool's own request
+            await sup.close(session)
+        record = await stored(store, session.id)
+        assert record.requests == session.requests == 2
+        ref = weakref.ref(session)
+        del session
+        gc.collect()
+        assert ref() is None
+
+
+async def test_a_session_closed_elsewhere_and_purged_is_not_served_from_memory(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    settings = Settings(
+        idle_timeout=3600,
+        cleanup_interval=1,
+        touch_interval=5,
+        sweep_interval=30,
+        max_lifetime=24 * 3600,
+        tombstone_retention=60,
+    )
+    store = DurableMemoryStore()
+    async with process(store, settings) as a, process(store, settings) as b:
+        opened, handle = await a.open_handle_session(principal="alice")
+        await b.close(await b.resolve_handle(handle, "alice"))
+        await trio.sleep(120)  # b's sweeper purges the ended record
+        assert await store.load(opened.id) is None
+        with pytest.raises(SessionClosed):
+            await a.resolve_handle(handle, "alice")
+        assert not opened.live
+
+
+async def test_invariants_hold_while_the_store_confirms_an_expiry(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = SlowStore()
+    store.delay["expire"] = 0.5
+    async with process(store) as sup:
+        session, _ = await sup.open_handle_session(principal="alice")
+        await trio.sleep(SETTINGS.idle_timeout + SETTINGS.touch_interval + 0.1)
+        assert session.live  # the reconciler waits on the store
+        sup.check_invariants()
+        await trio.sleep(1)
+        assert session.reason is R.IDLE_TIMEOUT
+
+
+class LateAnswers(QuietStore):
+    """Writes that commit, then answer late: a caller may give up on a committed write."""
+
+    async def patch_state(self, *args: Any, **kwargs: Any) -> Any:
+        result = await super().patch_state(*args, **kwargs)
+        await self._slow("answer")
+        return result
+
+    async def terminate(self, *args: Any, **kwargs: Any) -> Any:
+        result = await super().terminate(*args, **kwargs)
+        await self._slow("answer")
+        return result
+
+
+async def test_a_patch_given_up_on_but_committed_is_seen_on_the_next_use(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = LateAnswers()
+    async with process(store) as sup:
+        session, handle = await sup.open_handle_session(principal="alice")
+        store.delay["answer"] = 1
+        with trio.move_on_after(0.5):  # the client cancels; the write has committed
+            await session.patch_state({"n": 1})
+        store.delay.clear()
+        again = await sup.resolve_handle(handle, "alice")
+        assert (again.version, again.state_document()) == (1, {"n": 1})
+        assert await again.patch_state({"n": 2}, if_version=1) == 2  # a retry loop succeeds
+
+
+async def test_a_conflicting_patch_refreshes_the_copy_it_conflicted_with(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = LateAnswers()
+    async with process(store) as sup:
+        session, handle = await sup.open_handle_session(principal="alice")
+        await store.patch_state(session.id, {"elsewhere": True}, if_version=None, at=wall())
+        with pytest.raises(VersionConflict):
+            await session.patch_state({"n": 1}, if_version=0)
+        again = await sup.resolve_handle(handle, "alice")
+        assert (again.version, again.state_document()) == (1, {"elsewhere": True})
+
+
+async def test_a_close_given_up_on_but_committed_is_seen_on_the_next_use(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = LateAnswers()
+    async with process(store) as sup:
+        session, handle = await sup.open_handle_session(principal="alice")
+        store.delay["answer"] = 1
+        with trio.move_on_after(0.5):
+            await sup.close(session)
+        store.delay.clear()
+        with pytest.raises(SessionClosed):
+            await sup.resolve_handle(handle, "alice")
+        assert not session.live
