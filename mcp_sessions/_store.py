@@ -299,7 +299,9 @@ class SessionStore(Protocol):
         have committed a write since; writes made through this store object
         do not change it. ``None`` means the backend cannot tell cheaply (read
         every time). A change may be a false alarm; an unchanged number is a
-        promise.
+        promise. So a store object belongs to one runtime: two supervisors
+        sharing one object would not see each other's writes as foreign (give
+        each its own object on the same database).
         """
 
     def statistics(self) -> StoreStatistics:

@@ -364,6 +364,9 @@ class SQLiteStore(SQLStoreBase):
             conn.set_progress_handler(lambda: int(worker.all_abandoned()), 1000)
             self._tx, self._reader = tx, reader
             self._seen_data_version, self._seen_generation = data_version, seen
+            # Whatever happened while we were closed is news: a new baseline
+            # must never absorb a foreign write into an unchanged number.
+            self._epoch += 1
             worker.start()
             self._worker = worker
 

@@ -888,3 +888,17 @@ def test_redact_url() -> None:
     )
     assert redact_url("host=h password=s3cret user=u") == "host=h password=*** user=u"
     assert redact_url("sqlite:///a/b.db") == "sqlite:///a/b.db"
+
+
+async def test_change_epoch_moves_across_a_close_and_reopen(shared: Backend) -> None:
+    """A write made while a store object was closed is news when it opens again."""
+    if shared.name == "postgresql":
+        pytest.skip("PostgreSQL cannot tell cheaply (change_epoch is None)")
+    a = await shared.make()
+    b = await shared.make()
+    await a.create(record("s"))
+    before = a.change_epoch()
+    await a.aclose()
+    await b.patch_state("s", {"while": "closed"}, if_version=None, at=T0)
+    await a.open()
+    assert a.change_epoch() != before
