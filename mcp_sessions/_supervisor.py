@@ -72,7 +72,8 @@ from ._session import (
 from ._settings import LimitPolicy, Settings
 from ._state import SessionState, TerminationReason
 from ._store import SessionRecord, SessionStore, StoreHealth
-from ._sync import DurableSync, LocalSync, StoreSync
+from ._sync import LocalSync, StoreSync
+from ._sync_store import DurableSync
 from ._tasks import SessionTasks
 
 __all__ = ["Supervisor", "open_supervisor"]

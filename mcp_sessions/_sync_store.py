@@ -1,0 +1,581 @@
+"""Store synchronisation with a store: :class:`DurableSync` and its coalesced activity writer.
+
+Theory of operation
+===================
+
+See :mod:`mcp_sessions._sync` for the protocol and the store path. Here:
+
+- :class:`DurableSync` is the one writer of a session's document, version
+  and ``_sync`` record (a :class:`_Stored`: what the store knows of it). It
+  owns two of the supervisor's store tasks: the reconciler (confirms with
+  the store what the scanner found due) and the sweeper (ends what nobody
+  has loaded, purges old records).
+- :class:`ActivityWriter` owns the third, the flusher, and the sets of
+  sessions whose activity or "ready" is not written yet.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import trio
+
+from . import _expiry
+from ._clock import RuntimeClock
+from ._errors import SessionGone, gone
+from ._lifecycle import Lifecycle
+from ._metrics import RuntimeMetrics
+from ._registry import Registry
+from ._requests import Requests
+from ._session import Session, SessionKind
+from ._settings import Settings
+from ._state import SessionState, TerminationReason
+from ._store import LIVE, SessionRecord, SessionStore, StoreHealth, StoreUnavailable, Touch
+from ._sync import Task, _Base, _patch_here, record_of
+
+__all__ = ["ActivityWriter", "DurableSync"]
+
+logger = logging.getLogger("mcp_sessions")
+_T = TypeVar("_T")
+_S = SessionState
+
+
+class _Stored:
+    """What the store knows of one session (``Session._sync`` under :class:`DurableSync`)."""
+
+    __slots__ = (
+        "closing",
+        "creating",
+        "end_written",
+        "epoch",
+        "flushed_errors",
+        "flushed_requests",
+        "ready_written",
+    )
+
+    def __init__(self, *, requests: int = 0, errors: int = 0, ready: bool = True) -> None:
+        #: Set while one caller writes a close; the others wait for it.
+        self.closing: trio.Event | None = None
+        #: Set while the record is being inserted; patches wait for it.
+        self.creating: trio.Event | None = None
+        #: The store already has this session's end.
+        self.end_written = False
+        #: The store's change epoch when the session was last checked against it;
+        #: ``None`` (read the store on next use) until checked, and whenever a
+        #: write's outcome is unknown.
+        self.epoch: int | None = None
+        #: Counters as last written.
+        self.flushed_requests = requests
+        self.flushed_errors = errors
+        #: Its record is past ``initializing``.
+        self.ready_written = ready
+
+
+def _stored(session: Session) -> _Stored | None:
+    st = session._sync
+    return st if isinstance(st, _Stored) else None
+
+
+class ActivityWriter:
+    """Coalesced activity: the one writer of sessions' touches and "ready" marks.
+
+    Requests report activity synchronously (:meth:`activity`); the flusher
+    task (owned by the supervisor's nursery) writes every dirty session in one
+    batch per ``touch_interval``, and a connection session's "ready" as soon
+    as it can. Nothing here is ever written from the request path.
+    """
+
+    def __init__(
+        self,
+        store: SessionStore,
+        clock: RuntimeClock,
+        touch_interval: float,
+        call: Callable[[Awaitable[Any]], Awaitable[Any]],
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._interval = touch_interval
+        self._call = call
+        self._dirty: dict[Session, None] = {}  # activity not yet written (ordered set)
+        self._unready: dict[Session, None] = {}  # "ready" not yet written
+        self._wake = trio.Event()
+
+    def activity(self, session: Session) -> None:
+        if session._sync is not None and session.live:
+            self._dirty[session] = None
+
+    def ready(self, session: Session) -> None:
+        st = _stored(session)
+        if st is not None and not st.ready_written:
+            self._unready[session] = None
+            self._wake.set()
+
+    def pending(self, session: Session) -> bool:
+        return session in self._dirty or session in self._unready
+
+    def forget(self, session: Session) -> None:
+        self._dirty.pop(session, None)
+        self._unready.pop(session, None)
+
+    def take_touch(self, session: Session, st: _Stored, *, final: bool = False) -> Touch:
+        """The session's unwritten activity, counted as written from now on.
+
+        Taking it moves the baseline at once, so two writers in flight never
+        send the same increments twice; one that fails gives it back. The
+        ``final`` touch (the end) also counts the requests still in flight
+        (the closing request itself, say): nothing is written after the end.
+        """
+        self._dirty.pop(session, None)
+        last = trio.current_time() if session.in_flight else session.last_active_time
+        requests = session.requests + (session.in_flight if final else 0)
+        touch = Touch(
+            session.id,
+            self._clock.wall_at(last),
+            requests - st.flushed_requests,
+            session.errors - st.flushed_errors,
+        )
+        st.flushed_requests = requests
+        st.flushed_errors = session.errors
+        return touch
+
+    def give_back(self, session: Session, st: _Stored, touch: Touch) -> None:
+        st.flushed_requests -= touch.requests
+        st.flushed_errors -= touch.errors
+        if session.live:
+            self._dirty[session] = None
+
+    async def _flush_touches(self) -> None:
+        """Write the coalesced activity of every dirty session, in one batch."""
+        pairs = [(s, st) for s in self._dirty if (st := _stored(s)) and not st.end_written]
+        self._dirty.clear()
+        if not pairs:
+            return
+        touches = [self.take_touch(s, st) for s, st in pairs]
+        try:
+            await self._call(self._store.touch(touches))
+        except Exception as exc:
+            logger.warning("could not write session activity: %s", exc)
+            for (s, st), t in zip(pairs, touches, strict=True):  # again next time
+                self.give_back(s, st, t)
+            return
+        for s, _ in pairs:
+            if s.in_flight and s.live:  # a long request keeps its session fresh in the store
+                self._dirty[s] = None
+
+    async def _write_ready(self) -> None:
+        for session in list(self._unready):
+            st = _stored(session)
+            if st is None or not session.live:
+                self._unready.pop(session, None)
+                continue
+            try:
+                await self._call(self._store.mark_ready(session.id, self._clock.wall()))
+            except Exception as exc:
+                logger.warning("could not record session %s as ready (will retry): %s",
+                               session.id, exc, extra={"session_id": session.id})  # fmt: skip
+                return
+            st.ready_written = True
+            self._unready.pop(session, None)
+
+    async def flush(self) -> None:
+        """Write all pending activity now."""
+        if self._dirty:
+            await self._flush_touches()
+
+    async def run(self) -> None:
+        """The flusher task: touches once per interval, "ready" marks at once."""
+        interval = self._interval
+        next_touch = trio.current_time() + interval
+        while True:
+            with trio.move_on_at(next_touch):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            if self._unready:
+                await self._write_ready()
+            if trio.current_time() >= next_touch:
+                next_touch = trio.current_time() + interval
+                if self._dirty:
+                    await self._flush_touches()
+
+
+class DurableSync(_Base):
+    """Sessions kept in a :class:`SessionStore`, shared with other processes."""
+
+    def __init__(
+        self,
+        store: SessionStore,
+        *,
+        registry: Registry,
+        lifecycle: Lifecycle,
+        metrics: RuntimeMetrics,
+        clock: RuntimeClock,
+        settings: Settings,
+        adopt: Callable[[SessionRecord], Awaitable[Session]],
+    ) -> None:
+        super().__init__(registry, metrics)
+        self._store = store
+        self._lifecycle = lifecycle
+        self._clock = clock
+        self._settings = settings
+        self._adopt = adopt
+        self.durable = store.durable
+        self.error: str | None = None
+        #: Idle expiry waits this much longer with a durable (so possibly
+        #: shared) store: use elsewhere may not be written yet.
+        self.idle_grace = settings.touch_interval if store.durable else 0.0
+        self._activity = ActivityWriter(store, clock, settings.touch_interval, self._call)
+        self._expiring: dict[Session, None] = {}  # due here; the store must confirm (in order)
+        self._wake_reconciler = trio.Event()
+
+    @property
+    def store(self) -> SessionStore:
+        return self._store
+
+    async def open(self) -> None:
+        await self._store.open()
+
+    async def aclose(self) -> None:
+        await self._store.aclose()
+
+    def tasks(self) -> Sequence[Task]:
+        return (
+            ("mcp_sessions.store.flusher", self._activity.run),
+            ("mcp_sessions.store.reconciler", self._reconciler),
+            ("mcp_sessions.store.sweeper", self._sweeper),
+        )
+
+    async def _call(self, op: Awaitable[_T]) -> _T:
+        try:
+            result = await op
+        except StoreUnavailable as exc:
+            self.error = str(exc)
+            raise
+        self.error = None
+        return result
+
+    # -- opening ---------------------------------------------------------------------
+
+    async def created(self, session: Session, *, ready: bool) -> None:
+        record = record_of(session, self._clock, ready=ready)
+        # From here the record carries no later patch: patches wait for the
+        # insert, then go to the store.
+        st = session._sync = _Stored(ready=ready)
+        creating = st.creating = trio.Event()
+        try:
+            await self._call(self._store.create(record))
+        except BaseException:
+            session._sync = None
+            raise
+        finally:
+            st.creating = None
+            creating.set()
+        if not session.live:
+            # Ended while the store recorded it (a shutdown, say); its task found
+            # no record to end. Its handle was never handed out: end the record.
+            with trio.CancelScope(shield=True):
+                reason = session.reason or TerminationReason.ERROR
+                try:
+                    await self._call(self._store.terminate(session.id, reason, self._clock.wall()))
+                except Exception as exc:
+                    logger.warning("could not record the end of session %s: %s", session.id,
+                                   exc, extra={"session_id": session.id})  # fmt: skip
+            st.end_written = True
+            return
+        st.epoch = self._store.change_epoch()
+
+    def ready(self, session: Session) -> None:
+        self._activity.ready(session)
+
+    def activity(self, session: Session) -> None:
+        self._activity.activity(session)
+
+    # -- naming a handle ----------------------------------------------------------------
+
+    async def resolve(self, digest: str, principal: str) -> Session:
+        store = self._store
+        local = self._registry.by_hash(digest)
+        epoch = store.change_epoch()
+        known: int | None = None
+        if local is not None and local.principal == principal and local.live:
+            st = _stored(local)
+            if (
+                st is not None
+                and epoch is not None
+                and st.epoch == epoch
+                and self._lifecycle.due(local, trio.current_time()) is None
+            ):
+                self._validated("ok")  # nothing written elsewhere since we last looked
+                return local
+            known = local._version
+        record = await self._call(store.load_by_hash(digest, known_version=known))
+        if record is None:
+            local = self._registry.by_hash(digest)
+            if local is not None and local.live and local.principal == principal and _stored(local):
+                # Stored once, gone now: it ended elsewhere and its record was purged.
+                self._ended_elsewhere(local, TerminationReason.CLOSED)
+        if record is None or record.principal != principal or record.kind != "handle":
+            return self._resolve_here(digest, principal)
+        if record.live and self._due(record, self._registry.by_hash(digest)) is not None:
+            ended = await self._call(
+                store.expire(record.id, self._clock.wall(), grace=self.idle_grace)
+            )
+            fresh = await self._call(store.load(record.id))
+            if fresh is not None:
+                record = fresh
+            elif ended is not None:
+                self._validated("gone")
+                raise gone(record.id, ended)
+        local = self._registry.by_hash(digest)  # may have changed while we awaited
+        if not record.live:
+            if local is not None and local.live:
+                self._ended_elsewhere(local, record.termination_reason)
+            self._validated("gone")
+            raise gone(record.id, record.termination_reason)
+        if local is not None and not local.live:
+            self._validated("gone")  # ending here; the store hears of it shortly
+            raise gone(local.id, local.reason)
+        if local is None:
+            local = await self._bring_in(record, digest)
+        else:
+            self._take_in(local, record)
+        st = _stored(local)
+        if st is not None:
+            st.epoch = epoch
+        while local.state is _S.INITIALIZING:
+            # Another call is bringing it in: let it finish.
+            if local._ready is None:
+                local._ready = trio.Event()
+            await local._ready.wait()
+        if not local.live:
+            self._validated("gone")
+            raise gone(local.id, local.reason)
+        self._validated("ok")
+        return local
+
+    async def _bring_in(self, record: SessionRecord, digest: str) -> Session:
+        """A live stored session this process does not hold: adopt it."""
+        tomb = self._registry.tombstone_by_hash(digest)
+        if tomb is not None and tomb.reason is not TerminationReason.SHUTDOWN:
+            # It ended here while the store could not be told; tell it now.
+            reason = tomb.reason or TerminationReason.CLOSED
+            ended = await self._call(self._store.terminate(tomb.id, reason, self._clock.wall()))
+            self._validated("gone")
+            raise gone(tomb.id, ended or reason)
+        return await self._adopt(record)
+
+    def _due(self, record: SessionRecord, local: Session | None) -> TerminationReason | None:
+        """Whether a live stored session is due now, counting this process's own unwritten use."""
+        now = self._clock.wall()
+        last_active = record.last_active
+        if local is not None and local.live:
+            if local.in_flight:
+                return None
+            last_active = max(last_active, self._clock.wall_at(local.last_active_time))
+        return _expiry.due(
+            now,
+            expires_at=record.expires_at,
+            idle_since=last_active if record.state == LIVE else None,
+            idle_timeout=record.idle_timeout,
+            grace=self.idle_grace,
+        )
+
+    def adopted(self, session: Session, record: SessionRecord) -> None:
+        """Take a session the supervisor brought in from ``record``."""
+        session._sync = _Stored(requests=record.requests, errors=record.errors)
+        session._doc, session._version = dict(record.doc), record.version
+
+    def _take_in(self, session: Session, record: SessionRecord) -> None:
+        """What other processes did: a newer document, later activity."""
+        if record.doc_loaded and record.version > session._version:
+            session._doc, session._version = dict(record.doc), record.version
+        elsewhere = min(self._clock.trio_at(record.last_active), trio.current_time())
+        Requests.saw_activity(session, elsewhere)
+        self._lifecycle.used_elsewhere(session, elsewhere)
+
+    def _ended_elsewhere(self, session: Session, reason: TerminationReason | None) -> None:
+        st = _stored(session)
+        if st is not None:
+            st.end_written = True
+        self._lifecycle.end_as_told(session, reason)
+
+    # -- patches and ends -------------------------------------------------------------
+
+    async def patch(
+        self, session: Session, patch: Mapping[str, Any], if_version: int | None
+    ) -> int:
+        session.check_live()
+        st = _stored(session)
+        if st is not None and st.creating is not None:
+            await st.creating.wait()  # being inserted: the record no longer carries patches
+            session.check_live()
+            st = _stored(session)
+            if st is None:  # the insert failed; the session is ending
+                raise gone(session.id, session.reason or TerminationReason.ERROR)
+        if st is None:
+            # Not recorded yet (its setup hook is running): the record will carry it.
+            return _patch_here(session, patch, if_version)
+        try:
+            version, doc = await self._call(
+                self._store.patch_state(
+                    session.id, patch, if_version=if_version, at=self._clock.wall()
+                )
+            )
+        except SessionGone as exc:
+            self._ended_elsewhere(session, exc.reason)
+            raise
+        except BaseException:
+            # Our copy may be stale now: a version conflict says so, and a patch
+            # given up on (cancelled, timed out) may have been committed anyway.
+            # The next use reads the store instead of trusting it.
+            st.epoch = None
+            raise
+        if version > session._version:
+            session._doc, session._version = doc, version
+        return version
+
+    async def closing(self, session: Session, reason: TerminationReason) -> None:
+        st = _stored(session)
+        while st is not None and not st.end_written and session.live:
+            if st.closing is not None:
+                await st.closing.wait()  # another close is writing; then look again
+                continue
+            st.closing = trio.Event()
+            try:
+                await self._write_close(session, st, reason)
+            finally:
+                st.closing.set()
+                st.closing = None
+            return
+
+    async def _write_close(self, session: Session, st: _Stored, reason: TerminationReason) -> None:
+        touch = self._activity.take_touch(session, st, final=True)
+        try:
+            ended = await self._call(
+                self._store.terminate(session.id, reason, self._clock.wall(), touch)
+            )
+        except BaseException as exc:
+            st.epoch = None  # a close given up on may have been committed: read it next time
+            if not isinstance(exc, Exception):
+                raise
+            self._activity.give_back(session, st, touch)
+            if reason is TerminationReason.CLOSED:
+                raise
+            logger.warning("store unavailable; ending session %s locally only", session.id,
+                           extra={"session_id": session.id})  # fmt: skip
+            return
+        st.end_written = True
+        if ended is not None and ended is not reason and session.live:
+            self._lifecycle.end_as_told(session, ended)  # it had ended elsewhere: that stands
+
+    def has_end_to_write(self, session: Session) -> bool:
+        return session._sync is not None or self._activity.pending(session)
+
+    async def ended(self, session: Session) -> None:
+        st = _stored(session)
+        self._activity.forget(session)
+        if st is None or st.end_written or st.creating is not None:
+            return  # (while the insert runs, created() ends the record after it)
+        reason = session.reason or TerminationReason.ERROR
+        touch = self._activity.take_touch(session, st, final=True)
+        store = self._store
+        keep = reason is TerminationReason.SHUTDOWN and session.kind is SessionKind.HANDLE
+        with trio.move_on_after(self._settings.teardown_timeout):
+            try:
+                if keep and store.durable:
+                    await self._call(store.touch([touch]))  # kept: it resumes after a restart
+                else:
+                    await self._call(store.terminate(session.id, reason, self._clock.wall(), touch))
+                st.end_written = True
+            except Exception as exc:  # never keep the session from finishing
+                logger.warning("could not record the end of session %s: %s", session.id, exc,
+                               extra={"session_id": session.id})  # fmt: skip
+
+    # -- expiry ----------------------------------------------------------------------
+
+    def confirm_expiry(self, session: Session) -> bool:
+        st = _stored(session)
+        if st is None or st.end_written:
+            return True
+        self._expiring[session] = None
+        self._wake_reconciler.set()
+        return False
+
+    def confirming(self, session: Session) -> bool:
+        return session in self._expiring
+
+    async def _reconciler(self) -> None:
+        """Confirm expiries with the store, which knows about use in other processes."""
+        while True:
+            if not self._expiring:
+                await self._wake_reconciler.wait()
+                self._wake_reconciler = trio.Event()
+            while self._expiring:
+                session = next(iter(self._expiring))
+                if session.live:
+                    await self._reconcile(session)
+                    self._lifecycle.reschedule(session)  # never left unscheduled
+                self._expiring.pop(session, None)
+
+    async def _reconcile(self, session: Session) -> None:
+        local = self._lifecycle.due(session, trio.current_time())
+        if local is None:
+            return
+        st = _stored(session)
+        assert st is not None
+        store = self._store
+        try:
+            reason = await self._call(
+                store.expire(session.id, self._clock.wall(), grace=self.idle_grace)
+            )
+            if reason is None:
+                record = await self._call(store.load(session.id))
+                if record is not None and record.live:
+                    self._take_in(session, record)  # used elsewhere meanwhile: wait again
+                    return
+                reason = record.termination_reason if record is not None else local
+            st.end_written = True
+        except Exception as exc:
+            if not isinstance(exc, StoreUnavailable):
+                self._metrics.cleanup_errors += 1
+                logger.exception("cleanup failed for session %s", session.id,
+                                 extra={"session_id": session.id})  # fmt: skip
+            # The store could not confirm. If it is still due here, end it here;
+            # the store's sweep ends the record when it can.
+            reason = self._lifecycle.due(session, trio.current_time())
+            if reason is None:
+                return
+        if session.live:
+            self._lifecycle.end_as_told(session, reason or local)
+
+    async def _sweeper(self) -> None:
+        """End stored sessions whose deadline passed (opened anywhere); purge old records."""
+        store = self._store
+        while True:
+            await trio.sleep(self._settings.sweep_interval)
+            try:
+                await self._activity.flush()  # our own recent use first
+                now = self._clock.wall()
+                ended = await self._call(store.sweep(now, grace=self.idle_grace))
+                for session_id, reason in ended:
+                    session = self._registry.get(session_id)
+                    if session is not None and session.live:
+                        self._ended_elsewhere(session, reason)
+                await self._call(store.purge(now - self._settings.tombstone_retention))
+            except Exception as exc:
+                self._metrics.cleanup_errors += 1
+                logger.warning("store sweep failed: %s", exc)
+
+    # -- reading ---------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        await self._activity.flush()
+
+    async def list_records(self, principal: str) -> list[SessionRecord]:
+        return await self._call(self._store.list_by_principal(principal))
+
+    async def health(self) -> StoreHealth:
+        health = await self._store.health()
+        self.error = None if health.ok else health.error
+        return health
