@@ -275,7 +275,7 @@ class Supervisor:
             now=now,
             lifetime_end=now + self.settings.max_lifetime,
         )
-        await self._start(session)
+        await self._start(session, opener=True)
         if ready:
             self._lifecycle.ready(session, idle_since=trio.current_time())
         else:
@@ -581,20 +581,36 @@ class Supervisor:
                         extra={"session_id": victim.id})  # fmt: skip
             await self.close(victim, TerminationReason.EVICTED)
 
-    async def _start(self, session: Session) -> None:
-        """Register a new session and start its task (running setup or resume)."""
+    async def _start(
+        self, session: Session, *, opener: bool, ready_at: float | None = None
+    ) -> None:
+        """Register a new session, start its task, and wait until its setup (or resume) ran.
+
+        The task runs in the supervisor's nursery from its first step (not in
+        the caller's cancel context, as ``nursery.start`` would have it): the
+        supervisor's cancellation reaches its setup at once, and a caller
+        giving up does not. If the caller that gives up is the session's
+        ``opener`` (nobody else can have its handle yet), the session is closed;
+        otherwise it goes on, and with ``ready_at`` becomes ready (idle since
+        then) when its setup is done, whoever is still waiting.
+        """
         nursery = self._nursery
         assert nursery is not None
         # Register before the first checkpoint, so limits see the slot taken.
         self._registry.add(session)
         self._lifecycle.created(session)
-        # The new task runs its setup in our cancel context until it reports
-        # started: shield it, so a caller giving up (a client's cancellation)
-        # cannot end a session that other callers may be waiting for. Setup is
-        # bounded by its own timeout; the caller's cancellation lands after.
-        with trio.CancelScope(shield=True):
-            name = f"mcp_sessions.session.{session.id}"
-            await nursery.start(self._tasks.run, session, name=name)
+        started = trio.Event()
+        nursery.start_soon(
+            self._tasks.run, session, started, ready_at, name=f"mcp_sessions.session.{session.id}"
+        )
+        try:
+            await started.wait()
+        except BaseException:
+            if opener and session.live:
+                stopping = self._stopping or nursery.cancel_scope.cancel_called
+                reason = TerminationReason.SHUTDOWN if stopping else TerminationReason.CLOSED
+                self._lifecycle.terminate(session, reason)
+            raise
         if not session.live:
             await self.wait_terminated(session)
             raise self._ended_during_creation(session)
@@ -627,8 +643,7 @@ class Supervisor:
         sync = self._sync
         assert isinstance(sync, DurableSync)
         sync.adopted(session, record)
-        await self._start(session)
-        self._lifecycle.ready(session, idle_since=last_active)
+        await self._start(session, opener=False, ready_at=last_active)
         logger.info("session %s resumed from the store", session.id,
                     extra={"session_id": session.id})  # fmt: skip
         return session

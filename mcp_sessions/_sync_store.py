@@ -48,6 +48,7 @@ class _Stored:
     __slots__ = (
         "closing",
         "creating",
+        "doubts",
         "end_written",
         "epoch",
         "flushed_errors",
@@ -60,6 +61,10 @@ class _Stored:
         self.closing: trio.Event | None = None
         #: Set while the record is being inserted; patches wait for it.
         self.creating: trio.Event | None = None
+        #: Writes of ours whose outcome is unknown (given up on, or conflicting):
+        #: a resolve that read the store before one of them must not vouch for
+        #: our copy.
+        self.doubts = 0
         #: The store already has this session's end.
         self.end_written = False
         #: The store's change epoch when the session was last checked against it;
@@ -130,6 +135,8 @@ class ActivityWriter:
         self._dirty.pop(session, None)
         last = trio.current_time() if session.in_flight else session.last_active_time
         requests = session.requests + (session.in_flight if final else 0)
+        # A final touch in flight may have credited requests still running.
+        requests = max(requests, st.flushed_requests)
         touch = Touch(
             session.id,
             self._clock.wall_at(last),
@@ -298,8 +305,11 @@ class DurableSync(_Base):
         local = self._registry.by_hash(digest)
         epoch = store.change_epoch()
         known: int | None = None
+        checked: tuple[_Stored, int] | None = None  # (its record, its doubts) before we read
         if local is not None and local.principal == principal and local.live:
             st = _stored(local)
+            if st is not None:
+                checked = (st, st.doubts)
             if (
                 st is not None
                 and epoch is not None
@@ -341,8 +351,8 @@ class DurableSync(_Base):
         else:
             self._take_in(local, record)
         st = _stored(local)
-        if st is not None:
-            st.epoch = epoch
+        if st is not None and (checked is None or checked == (st, st.doubts)):
+            st.epoch = epoch  # (not if a write of ours became doubtful while we read)
         while local.state is _S.INITIALIZING:
             # Another call is bringing it in: let it finish.
             if local._ready is None:
@@ -430,6 +440,7 @@ class DurableSync(_Base):
             # given up on (cancelled, timed out) may have been committed anyway.
             # The next use reads the store instead of trusting it.
             st.epoch = None
+            st.doubts += 1
             raise
         if version > session._version:
             session._doc, session._version = doc, version
@@ -457,6 +468,7 @@ class DurableSync(_Base):
             )
         except BaseException as exc:
             st.epoch = None  # a close given up on may have been committed: read it next time
+            st.doubts += 1
             if not isinstance(exc, Exception):
                 raise
             self._activity.give_back(session, st, touch)

@@ -66,11 +66,12 @@ class SessionTasks:
         self._finished = finished
 
     async def run(
-        self, session: Session, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self, session: Session, started: trio.Event, ready_at: float | None = None
     ) -> None:
-        """Run the session from creation until it is TERMINATED."""
+        """Run the session from creation until it is TERMINATED; set ``started`` once its
+        setup (or resume) hook is done. With ``ready_at``, the session goes on to be
+        ready (idle since then) right after, whoever is still waiting."""
         hooks, lifecycle = self._hooks, self._lifecycle
-        started = False
         try:
             if hooks.has_setup(session):
                 # A setup hook may start background work and wait on it: it
@@ -79,12 +80,14 @@ class SessionTasks:
                     session._nursery = nursery
                     if session.live and not await hooks.setup(session):
                         lifecycle.terminate(session, TerminationReason.ERROR)
-                    started = True
-                    task_status.started()
+                    if ready_at is not None and session.live:
+                        lifecycle.ready(session, idle_since=ready_at)
+                    started.set()
                     await _hold(session, nursery)
             else:
-                started = True
-                task_status.started()
+                if ready_at is not None and session.live:
+                    lifecycle.ready(session, idle_since=ready_at)
+                started.set()
                 # Parked without a nursery until background work is asked for:
                 # most sessions never start any, and need not pay for one.
                 while session.live:
@@ -100,14 +103,13 @@ class SessionTasks:
             if session._pending:  # asked for, never started: the session ended first
                 session._background -= len(session._pending)
                 session._pending = None
-            if not started:
-                # Ended (or cancelled) while its setup ran: the creator still hears
-                # back, and sees the session ending.
-                task_status.started()
             if session.live:
                 # Cancelled from outside (the supervisor itself is being
                 # cancelled) rather than terminated: end it as a shutdown.
                 lifecycle.terminate(session, TerminationReason.SHUTDOWN)
+            # Ended (or cancelled) while its setup ran: the creator still hears
+            # back, and sees the session ending.
+            started.set()
             if self._sync.has_end_to_write(session) or hooks.hooks.teardown is not None:
                 with trio.CancelScope(shield=True):
                     await self._sync.ended(session)

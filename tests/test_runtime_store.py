@@ -9,6 +9,8 @@ handle sessions at shutdown. The real backends run the same contract in
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
 import weakref
 from collections.abc import AsyncIterator, Sequence
@@ -797,3 +799,103 @@ async def test_a_close_given_up_on_but_committed_is_seen_on_the_next_use(
         with pytest.raises(SessionClosed):
             await sup.resolve_handle(handle, "alice")
         assert not session.live
+
+
+async def _make_our_copy_doubtful(session: Session, store: MemoryStore) -> None:
+    """A patch that conflicts: our copy is known stale, the next use must read."""
+    await store.patch_state(session.id, {"elsewhere": True}, if_version=None, at=wall())
+    with pytest.raises(VersionConflict):
+        await session.patch_state({"n": 0}, if_version=0)
+
+
+async def test_a_read_in_flight_does_not_vouch_for_a_copy_a_close_made_doubtful(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = LateAnswers()
+    async with process(store) as sup:
+        session, handle = await sup.open_handle_session(principal="alice")
+        await _make_our_copy_doubtful(session, store)
+        store.delay["load_by_hash"] = 1.0  # a pipelined call's read answers late
+        store.delay["answer"] = 1.0  # the close commits at once, answers late
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sup.resolve_handle, handle, "alice")  # read before the close
+            await trio.sleep(0.1)
+            with trio.move_on_after(0.3):  # the client gives up on its close
+                await sup.close(session)
+        store.delay.clear()
+        with pytest.raises(SessionClosed):
+            await sup.resolve_handle(handle, "alice")
+
+
+async def test_a_read_in_flight_does_not_vouch_for_a_copy_a_patch_made_doubtful(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = LateAnswers()
+    async with process(store) as sup:
+        session, handle = await sup.open_handle_session(principal="alice")
+        await _make_our_copy_doubtful(session, store)
+        store.delay["load_by_hash"] = 1.0
+        store.delay["answer"] = 1.0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sup.resolve_handle, handle, "alice")
+            await trio.sleep(0.1)
+            with trio.move_on_after(0.3):
+                await session.patch_state({"n": 4})  # committed, given up on
+        store.delay.clear()
+        record = await stored(store, session.id)
+        again = await sup.resolve_handle(handle, "alice")
+        assert (again.version, again.state_document()) == (record.version, dict(record.doc))
+
+
+class RecordingTouches(SlowStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.touches: list[Touch] = []
+
+    async def touch(self, touches: Sequence[Touch]) -> None:
+        self.touches.extend(touches)
+        await super().touch(touches)
+
+
+async def test_a_touch_during_a_slow_close_never_writes_a_negative_count(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = RecordingTouches()
+    async with process(store) as sup:
+        session, _ = await sup.open_handle_session(principal="alice")
+        for _ in range(5):
+            async with sup.request(session):
+                pass
+        await trio.sleep(5.5)  # the flusher wrote 5
+        store.delay["terminate"] = 5.0  # the close's write is in flight across a flush
+
+        async def pipelined() -> None:
+            with contextlib.suppress(SessionClosed):
+                async with sup.request(session):
+                    await trio.sleep_forever()
+
+        async with trio.open_nursery() as nursery:
+            await trio.sleep(0.5)
+            async with sup.request(session):  # the session_close tool's own request
+                nursery.start_soon(pipelined)
+                await sup.close(session)
+        record = await stored(store, session.id)
+        assert all(t.requests >= 0 for t in store.touches)
+        assert record.requests >= 6
+
+
+async def test_cancelling_the_supervisor_is_not_held_off_by_a_hung_setup_hook(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def setup(session: Session) -> None:
+        await trio.sleep_forever()  # bounded only by setup_timeout
+
+    sup = Supervisor(Settings(setup_timeout=10), hooks=Hooks(setup=setup))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        nursery.start_soon(functools.partial(sup.open_handle_session, principal="alice"))
+        await trio.sleep(1)
+        started = trio.current_time()
+        nursery.cancel_scope.cancel()
+    assert trio.current_time() - started < 0.1
+    assert sup.statistics().hook_errors == {}
