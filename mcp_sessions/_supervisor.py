@@ -28,12 +28,14 @@ store sync         the one writer of the document; the store path
 Request handlers are *not* the supervisor's: they run in the caller's task,
 inside :meth:`Supervisor.request`, whose cancel scope the session holds.
 
-A session's task opens the session's nursery, runs its setup hook, reports
-``started``, and parks (waiting to be rescheduled is far cheaper than being
-cancelled, which matters when 100 000 sessions expire at once). The
-lifecycle's ``on_terminating`` wakes it; it then cancels its background
-work, writes the end to the store, runs teardown (shielded), and finishes
-the session: TERMINATED, tombstone, out of the registry.
+A session's task (``_tasks.py``) is started in the supervisor's nursery and
+scope; it runs the setup hook, sets ``started``, and parks (waiting to be
+rescheduled is far cheaper than being cancelled, which matters when 100 000
+sessions expire at once), opening the session's nursery only when it needs
+one. The lifecycle's ``on_terminating`` wakes it; it then cancels its
+background work, writes the end to the store, runs teardown (shielded), and
+hands the session back here to finish: TERMINATED, tombstone, out of the
+registry.
 """
 
 from __future__ import annotations
