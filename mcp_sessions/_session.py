@@ -54,6 +54,7 @@ __all__ = [
     "SessionSnapshot",
     "hash_handle",
     "new_session_id",
+    "snapshot_of",
 ]
 
 _S = SessionState
@@ -329,3 +330,30 @@ class Session:
         """Raise :class:`SessionClosed`/:class:`SessionExpired` if it has ended."""
         if self._state not in LIVE_STATES:
             raise gone(self.id, self._reason)
+
+
+def snapshot_of(session: Session, wall_at: Callable[[float], float]) -> SessionSnapshot:
+    """``session`` now, its trio-clock times mapped to wall-clock ones by ``wall_at``."""
+    idle_since = session.idle_since
+    idle_expires = None
+    if idle_since is not None:
+        idle_expires = wall_at(min(idle_since + session.idle_timeout, session.lifetime_end))
+    return SessionSnapshot(
+        id=session.id,
+        kind=session.kind,
+        principal=session.principal,
+        state=session.state,
+        reason=session.reason,
+        client=session.client,
+        metadata=session.metadata,
+        created_at=session.created_at,
+        last_active=wall_at(session.last_active_time),
+        idle_timeout=session.idle_timeout,
+        expires_at=wall_at(session.lifetime_end),
+        idle_expires_at=idle_expires,
+        requests=session.requests,
+        errors=session.errors,
+        in_flight=session.in_flight,
+        background_tasks=session.background_tasks,
+        version=session.version,
+    )

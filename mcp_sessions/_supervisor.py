@@ -55,13 +55,13 @@ from ._clock import RuntimeClock
 from ._deadlines import DeadlineSchedule
 from ._errors import SessionError, SessionNotFound, SessionSetupFailed, ShuttingDown, gone
 from ._hooks import HookRunner, Hooks, ObserverDispatcher
+from ._invariants import check
 from ._lifecycle import Lifecycle
 from ._metrics import RuntimeMetrics, RuntimeStatistics, render_prometheus
 from ._registry import Registry, Tombstone
 from ._requests import Requests, RequestScope
 from ._scanner import Scanner
 from ._session import (
-    LIVE_STATES,
     NO_CLIENT,
     NO_METADATA,
     ClientInfo,
@@ -70,6 +70,7 @@ from ._session import (
     SessionSnapshot,
     hash_handle,
     new_session_id,
+    snapshot_of,
 )
 from ._settings import LimitPolicy, Settings
 from ._state import SessionState, TerminationReason
@@ -452,30 +453,7 @@ class Supervisor:
 
     def snapshot(self, session: Session) -> SessionSnapshot:
         """``session`` at this moment, with wall-clock times."""
-        wall_at = self._clock.wall_at
-        idle_since = session.idle_since
-        idle_expires = None
-        if idle_since is not None:
-            idle_expires = wall_at(min(idle_since + session.idle_timeout, session.lifetime_end))
-        return SessionSnapshot(
-            id=session.id,
-            kind=session.kind,
-            principal=session.principal,
-            state=session.state,
-            reason=session.reason,
-            client=session.client,
-            metadata=session.metadata,
-            created_at=session.created_at,
-            last_active=wall_at(session.last_active_time),
-            idle_timeout=session.idle_timeout,
-            expires_at=wall_at(session.lifetime_end),
-            idle_expires_at=idle_expires,
-            requests=session.requests,
-            errors=session.errors,
-            in_flight=session.in_flight,
-            background_tasks=session.background_tasks,
-            version=session.version,
-        )
+        return snapshot_of(session, self._clock.wall_at)
 
     @property
     def live_count(self) -> int:
@@ -535,37 +513,16 @@ class Supervisor:
     def check_invariants(self) -> None:
         """Raise AssertionError if any of the runtime's invariants does not hold.
 
-        The registry's indexes agree; live sessions are within the limits;
-        the per-state gauge matches the sessions and the counters add up;
-        ACTIVE exactly when requests are in flight; every live session is
-        scheduled no later than its next deadline; the schedule holds no
-        more than about twice the live entries. For tests; O(live sessions).
+        See :func:`mcp_sessions._invariants.check`. For tests; O(live sessions).
         """
-        registry, settings = self._registry, self.settings
-        registry.check()
-        live = list(registry)
-        assert len(live) <= settings.max_sessions, "global limit exceeded"
-        per: dict[str, int] = {}
-        by_state: dict[SessionState, int] = dict.fromkeys(SessionState, 0)
-        for session in live:
-            per[session.principal] = per.get(session.principal, 0) + 1
-            by_state[session.state] += 1
-            if session.state in (_S.ACTIVE, _S.IDLE):
-                assert (session.state is _S.ACTIVE) == (session.in_flight > 0), f"{session}"
-            scheduled = self._schedule.deadline(session.id)
-            if session.state is _S.INITIALIZING and scheduled is None:
-                pass  # its setup hook is still running (bounded by setup_timeout)
-            elif scheduled is None and self._sync.confirming(session):
-                pass  # found due; the store is confirming it
-            elif session.state in LIVE_STATES:
-                assert scheduled is not None, f"{session} has no deadline"
-                due = self._lifecycle.next_deadline(session)
-                assert scheduled <= due, f"{session} scheduled {scheduled} after {due}"
-        assert max(per.values(), default=0) <= settings.max_sessions_per_principal
-        stats = self.statistics()
-        assert stats.live_by_state == by_state, f"{stats.live_by_state} != {by_state}"
-        assert stats.created_total == stats.live + stats.terminated_total, "counters"
-        assert self._schedule.entries <= 2 * len(self._schedule) + 1024, "schedule bloat"
+        check(
+            self.settings,
+            self.statistics(),
+            registry=self._registry,
+            schedule=self._schedule,
+            lifecycle=self._lifecycle,
+            sync=self._sync,
+        )
 
     # -- internals: admission and starting ---------------------------------------------------
 
