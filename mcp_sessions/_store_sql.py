@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 import trio
 
@@ -39,7 +39,6 @@ from ._sql_statements import Statements
 from ._sql_worker import COMMITTING, DONE, Counters, GroupCommit
 from ._state import TerminationReason
 from ._store import (
-    SchemaTooNew,
     SessionRecord,
     StoreError,
     StoreHealth,
@@ -116,17 +115,21 @@ class SQLStoreBase:
             worker.stop()
             await trio.to_thread.run_sync(worker.join)
 
+    def _raise_mapped(self, exc: Exception) -> NoReturn:
+        """Re-raise ``exc``: ours as they are, a driver failure as what it stands for."""
+        if isinstance(exc, SessionError | StoreError):  # SchemaTooNew is a StoreError
+            raise exc
+        mapped = self._map_error(exc)
+        if mapped is None:
+            raise exc
+        raise mapped from exc
+
     async def _in_thread(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` in a thread, not abandoned (opening), mapping driver failures."""
         try:
             return await trio.to_thread.run_sync(fn)
-        except (SessionError, SchemaTooNew):
-            raise
         except Exception as exc:
-            mapped = self._map_error(exc)
-            if mapped is None:
-                raise
-            raise mapped from exc
+            self._raise_mapped(exc)
 
     async def _run(
         self, name: str, fn: Callable[[Any], T], *, write: bool, key: str | None = None
@@ -156,13 +159,8 @@ class SQLStoreBase:
             raise
         try:
             return op.result()
-        except (SessionError, StoreError):
-            raise
         except Exception as exc:
-            mapped = self._map_error(exc)
-            if mapped is None:
-                raise
-            raise mapped from exc
+            self._raise_mapped(exc)
 
     async def _read(self, name: str, fn: Callable[[Any], T]) -> T:
         """A read: directly where the backend can, else on the worker."""

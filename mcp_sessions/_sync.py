@@ -33,9 +33,8 @@ caller waits, and are logged and retried where nobody does.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from ._clock import RuntimeClock
 from ._errors import SessionNotFound, VersionConflict, gone
@@ -54,8 +53,6 @@ from ._store import (
 
 __all__ = ["LocalSync", "StoreSync", "Task", "record_of"]
 
-logger = logging.getLogger("mcp_sessions")
-_T = TypeVar("_T")
 _S = SessionState
 
 Task = tuple[str, Callable[[], Awaitable[None]]]
