@@ -5,6 +5,7 @@ from __future__ import annotations
 from ._errors import (
     InvalidTransition,
     LimitExceeded,
+    MetadataTooLarge,
     SessionClosed,
     SessionError,
     SessionExpired,
@@ -14,6 +15,8 @@ from ._errors import (
     SessionSetupFailed,
     SettingsError,
     ShuttingDown,
+    StateTooLarge,
+    TooLarge,
     VersionConflict,
 )
 from ._metrics import HistogramSnapshot, RuntimeStatistics, render_prometheus
@@ -44,6 +47,8 @@ from ._server import (
 from ._settings import LimitPolicy, Settings
 from ._state import Event, SessionState, TerminationReason
 from ._store import (
+    InstanceRecord,
+    Limits,
     MemoryStore,
     SchemaTooNew,
     SessionRecord,
@@ -67,10 +72,13 @@ __all__ = [
     "Event",
     "HistogramSnapshot",
     "Hooks",
+    "InstanceRecord",
     "InvalidTransition",
     "LimitExceeded",
     "LimitPolicy",
+    "Limits",
     "MemoryStore",
+    "MetadataTooLarge",
     "PostgresStore",
     "RequestScope",
     "RuntimeStatistics",
@@ -94,6 +102,7 @@ __all__ = [
     "Settings",
     "SettingsError",
     "ShuttingDown",
+    "StateTooLarge",
     "StdioTransport",
     "StoreError",
     "StoreHealth",
@@ -101,6 +110,7 @@ __all__ = [
     "Supervisor",
     "TerminationReason",
     "Tombstone",
+    "TooLarge",
     "Touch",
     "TransitionEvent",
     "VersionConflict",

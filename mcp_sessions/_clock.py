@@ -1,34 +1,58 @@
-"""The runtime's two clocks: trio's (local timers) and the wall clock (people and stores).
+"""The runtime's one clock: wall time for people and stores, trio's clock for local timers.
 
-Local deadlines run on ``trio.current_time()``, so ``MockClock`` drives them.
-Times shown to people or written to a store are wall-clock seconds since the
-epoch from one injectable ``wall_clock``. :class:`RuntimeClock` maps between
-the two from one reading of both, taken when the runtime starts.
+Theory of operation
+===================
+
+Local deadlines run on ``trio.current_time()`` (monotonic; ``MockClock``
+drives it in tests), so a session held here idles out after its idle timeout
+of *elapsed* time whatever the wall clock does. Everything written to a store
+or shown to people is wall-clock seconds since the epoch (UTC) from one
+injectable ``wall_clock``.
+
+The two meet only in :meth:`RuntimeClock.wall_at` and
+:meth:`RuntimeClock.trio_at`, which convert *at the moment of the call*: "5 s
+ago on trio's clock" is "5 s before the wall clock's now". Nothing is anchored
+at start-up, so after the wall clock steps (a laptop resumes, NTP steps), a
+session opened afterwards is written in the new wall time, not in a frame
+that ended with the step.
+
+Steps. :meth:`RuntimeClock.check_step` compares how far the two clocks moved
+since the last check; when they disagree by more than ``tolerance`` the wall
+clock stepped, and every ``on_step`` listener hears by how much (positive:
+forward). The store synchronisation then rewrites the activity of the
+sessions this process holds in the new wall time, so that a process sweeping
+the store does not take their pre-step times for idleness.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import trio
 
 __all__ = ["RuntimeClock"]
 
+logger = logging.getLogger("mcp_sessions")
+
 
 class RuntimeClock:
-    """Trio time <-> wall time, anchored at :meth:`start`."""
+    """Wall time (injectable) and trio time, converted at the moment of use."""
 
-    __slots__ = ("_trio0", "_wall0", "wall")
+    __slots__ = ("_listeners", "_offset", "_trio0", "tolerance", "wall")
 
-    def __init__(self, wall_clock: Callable[[], float]) -> None:
-        #: The injectable wall clock (seconds since the epoch).
+    def __init__(self, wall_clock: Callable[[], float], *, tolerance: float = 1.0) -> None:
+        #: The injectable wall clock (seconds since the epoch, UTC).
         self.wall = wall_clock
+        #: Disagreement between the clocks, in seconds, that counts as a step.
+        self.tolerance = tolerance
         self._trio0 = 0.0
-        self._wall0 = 0.0
+        self._offset = 0.0  # wall - trio at the last check
+        self._listeners: list[Callable[[float], None]] = []
 
     def start(self) -> None:
         self._trio0 = trio.current_time()
-        self._wall0 = self.wall()
+        self._offset = self.wall() - self._trio0
 
     @property
     def started_at(self) -> float:
@@ -36,9 +60,28 @@ class RuntimeClock:
         return self._trio0
 
     def wall_at(self, t: float) -> float:
-        """Wall-clock time for a trio-clock instant."""
-        return self._wall0 + (t - self._trio0)
+        """The wall-clock time of trio instant ``t``, as the wall clock reads now."""
+        return self.wall() - (trio.current_time() - t)
 
     def trio_at(self, wall: float) -> float:
-        """Trio-clock instant for a wall-clock time."""
-        return self._trio0 + (wall - self._wall0)
+        """The trio instant of wall-clock time ``wall``, as the wall clock reads now."""
+        return trio.current_time() - (self.wall() - wall)
+
+    def on_step(self, listener: Callable[[float], None]) -> None:
+        """Call ``listener(seconds)`` whenever :meth:`check_step` finds a step."""
+        self._listeners.append(listener)
+
+    def check_step(self) -> float:
+        """How far the wall clock stepped since the last check (0.0 if it did not).
+
+        Slow drift (NTP slewing) moves the baseline along without counting.
+        """
+        offset = self.wall() - trio.current_time()
+        step = offset - self._offset
+        self._offset = offset
+        if abs(step) <= self.tolerance:
+            return 0.0
+        logger.info("the wall clock stepped %+.3f s", step)
+        for listener in self._listeners:
+            listener(step)
+        return step

@@ -36,7 +36,7 @@ from mcp.server.context import HandlerResult
 from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, TextContent
 
-from ._errors import SessionError, SessionRequired, VersionConflict
+from ._errors import SessionError, SessionRequired
 from ._runtime import Session, Supervisor
 
 __all__ = [
@@ -267,9 +267,7 @@ def tool_result(data: dict[str, Any]) -> CallToolResult:
 
 def tool_error(exc: SessionError) -> CallToolResult:
     """A tool execution error: ``{"error": {"code", "message"}}`` (spec: not a JSON-RPC error)."""
-    body: dict[str, Any] = {"code": exc.code, "message": exc.message}
-    if isinstance(exc, VersionConflict):
-        body["current_version"] = exc.current
+    body: dict[str, Any] = {"code": exc.code, "message": exc.message, **exc.details()}
     data = {"error": body}
     return CallToolResult(
         content=[TextContent(type="text", text=f"{exc.code}: {exc.message}")],

@@ -9,13 +9,14 @@ session on purpose, :class:`SessionExpired` that a timeout did.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ._state import InvalidTransition, TerminationReason
 
 __all__ = [
     "InvalidTransition",
     "LimitExceeded",
+    "MetadataTooLarge",
     "SessionClosed",
     "SessionError",
     "SessionExpired",
@@ -25,6 +26,8 @@ __all__ = [
     "SessionSetupFailed",
     "SettingsError",
     "ShuttingDown",
+    "StateTooLarge",
+    "TooLarge",
     "VersionConflict",
 ]
 
@@ -37,6 +40,10 @@ class SessionError(Exception):
     @property
     def message(self) -> str:
         return str(self)
+
+    def details(self) -> dict[str, Any]:
+        """Machine-readable facts beyond the code and message (sent with a tool error)."""
+        return {}
 
 
 class SessionNotFound(SessionError):
@@ -106,6 +113,52 @@ class LimitExceeded(SessionError):
         self.limit = limit
         self.scope = scope
 
+    @classmethod
+    def at(cls, scope: str, limit: int, *, evicting: bool) -> LimitExceeded:
+        """The error for a full ``scope`` ("global" or "principal 'x'")."""
+        detail = (
+            "and no session in that scope is idle to evict" if evicting else "close a session first"
+        )
+        return cls(
+            f"session limit reached for {scope}: {limit} live sessions; {detail}",
+            limit=limit,
+            scope=scope,
+        )
+
+    def details(self) -> dict[str, Any]:
+        return {"limit": self.limit, "scope": self.scope}
+
+
+class TooLarge(SessionError):
+    """A value would exceed its size limit; nothing was written."""
+
+    what: ClassVar[str] = "the value"
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"{self.what} would be {size} bytes as JSON, over the limit of {limit} bytes; "
+            "nothing was written"
+        )
+        self.size = size
+        self.limit = limit
+
+    def details(self) -> dict[str, Any]:
+        return {"limit_bytes": self.limit, "size_bytes": self.size}
+
+
+class StateTooLarge(TooLarge):
+    """A patch would make the state document larger than ``max_state_bytes``."""
+
+    code = "state_too_large"
+    what = "the state document"
+
+
+class MetadataTooLarge(TooLarge):
+    """A session's metadata is larger than ``max_metadata_bytes``."""
+
+    code = "metadata_too_large"
+    what = "the session metadata"
+
 
 class VersionConflict(SessionError):
     """A state patch named an ``if_version`` that is not the current one."""
@@ -118,6 +171,9 @@ class VersionConflict(SessionError):
         )
         self.expected = expected
         self.current = current
+
+    def details(self) -> dict[str, Any]:
+        return {"current_version": self.current}
 
 
 class ShuttingDown(SessionError):

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-__all__ = ["merge_patch"]
+__all__ = ["json_size", "merge_patch", "patched"]
+
+
+def json_size(value: Any) -> int:
+    """Bytes of ``value`` as compact UTF-8 JSON (what size limits count)."""
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def patched(doc: Any, patch: Any, max_bytes: int | None) -> Any:
+    """``merge_patch(doc, patch)``, refusing a result over ``max_bytes`` (StateTooLarge)."""
+    result = merge_patch(doc, patch)
+    if max_bytes is not None:
+        size = json_size(result)
+        if size > max_bytes:
+            from ._errors import StateTooLarge
+
+            raise StateTooLarge(size, max_bytes)
+    return result
 
 
 def merge_patch(target: Any, patch: Any) -> Any:

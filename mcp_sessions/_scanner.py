@@ -11,7 +11,7 @@ against the expiry rule (an entry may be early: a session in use keeps one
 entry, rescheduled when it pops). A session that only the store can confirm
 (it may be in use in another process) is handed to the store
 synchronisation instead of ended here. A tick also forgets tombstones whose
-retention ran out.
+retention ran out, and checks whether the wall clock stepped.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ class Scanner:
     def tick(self, now: float) -> int:
         """End what is due at ``now``; purge old tombstones. Returns sessions ended here."""
         self._metrics.cleanup_runs += 1
+        self._clock.check_step()
         self.last_run = self._clock.wall()
         lifecycle, registry, sync = self._lifecycle, self._registry, self._sync
         ended = 0

@@ -40,9 +40,11 @@ class Settings:
     #: Absolute lifetime: a session ends with ``lifetime_exceeded`` this long
     #: after creation, busy or not.
     max_lifetime: float = attrs.field(default=8 * 3600.0, validator=_positive)
-    #: Most live sessions the runtime holds at once.
+    #: Most live sessions at once: in this runtime, and with a store in the
+    #: whole store (every process sharing it), counted when a session opens.
     max_sessions: int = attrs.field(default=10_000, validator=_positive_int)
-    #: Most live sessions one principal holds at once.
+    #: Most live sessions one principal holds at once (in the whole store, with one).
+    #: Limits are about opening: bringing in an existing session is never refused.
     max_sessions_per_principal: int = attrs.field(default=100, validator=_positive_int)
     #: What happens at a limit.
     limit_policy: LimitPolicy = LimitPolicy.REJECT
@@ -61,11 +63,23 @@ class Settings:
     #: Capacity of the observer event queue; events beyond it are dropped and counted.
     observer_queue_size: int = attrs.field(default=1024, validator=_positive_int)
     #: With a store: how often activity (last active, counters) is written, at
-    #: most once per session per interval, never once per request.
+    #: most once per session per interval, never once per request (a session
+    #: whose idle timeout is under four intervals is written every quarter of
+    #: it). Idle expiry allows ``min(touch_interval, idle_timeout / 4)`` for
+    #: use elsewhere not written yet.
     touch_interval: float = attrs.field(default=5.0, validator=_positive)
     #: With a store: how often the store is swept for sessions whose deadline
     #: passed (whoever opened them) and old tombstones are purged.
     sweep_interval: float = attrs.field(default=60.0, validator=_positive)
+    #: With a store: a process that stops renewing its lease (killed, host
+    #: down) has its connection sessions ended (``disconnected``) by the
+    #: others within this long. Renewed every eighth of it.
+    instance_lease: float = attrs.field(default=30.0, validator=_positive)
+    #: Largest state document, in bytes of compact JSON; a patch past it is
+    #: refused with ``state_too_large`` and nothing is written.
+    max_state_bytes: int = attrs.field(default=1024 * 1024, validator=_positive_int)
+    #: Largest session metadata, in bytes of compact JSON (``metadata_too_large``).
+    max_metadata_bytes: int = attrs.field(default=64 * 1024, validator=_positive_int)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Settings:

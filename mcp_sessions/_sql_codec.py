@@ -25,8 +25,8 @@ import cattrs.gen
 import cattrs.v
 
 from ._sql_dialect import Dialect
-from ._sql_schema import COLUMNS, JSON_COLUMNS
-from ._store import RECORD_STATES, SessionRecord
+from ._sql_schema import COLUMNS, INSTANCE_COLUMNS, JSON_COLUMNS
+from ._store import RECORD_STATES, InstanceRecord, SessionRecord
 
 __all__ = ["RowCodec", "Undecodable"]
 
@@ -87,6 +87,10 @@ _converter.register_structure_hook(float, _number)
 _converter.register_structure_hook(int, _integer)
 _converter.register_structure_hook(bool, _flag)
 _converter.register_structure_hook_func(lambda t: t == Mapping[str, Any], _json_object)
+_converter.register_structure_hook(
+    InstanceRecord,
+    cattrs.gen.make_dict_structure_fn(InstanceRecord, _converter, _cattrs_forbid_extra_keys=True),
+)
 _converter.register_structure_hook(
     SessionRecord,
     cattrs.gen.make_dict_structure_fn(
@@ -152,6 +156,23 @@ class RowCodec:
         if not isinstance(value, dict):
             raise Undecodable("doc is not a JSON object")
         return value
+
+    def instances(self, rows: Sequence[Sequence[Any]]) -> list[InstanceRecord]:
+        """The decodable instance records among ``rows`` (a bad one is logged and skipped)."""
+        found = []
+        for row in rows:
+            raw = dict(zip(INSTANCE_COLUMNS, row, strict=True))
+            try:
+                found.append(_converter.structure(raw, InstanceRecord))
+            except cattrs.ClassValidationError as exc:
+                why = "; ".join(cattrs.transform_error(exc, format_exception=_why))
+                logger.error("%s store: skipping undecodable instance row %r: %s",
+                             self._backend, raw.get("id"), why)  # fmt: skip
+        return found
+
+    def instance_row(self, instance: InstanceRecord) -> list[Any]:
+        plain = _converter.unstructure(instance)
+        return [plain[c] for c in INSTANCE_COLUMNS]
 
     def row(self, record: SessionRecord) -> list[Any]:
         """``record`` as the values of :data:`~mcp_sessions._sql_schema.COLUMNS`."""

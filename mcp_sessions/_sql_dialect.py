@@ -33,9 +33,6 @@ class Dialect:
     json_type: str
     #: Appended to ``SELECT`` in a read-modify-write (row lock), or "".
     for_update: str
-    #: Appended to the sweep's choice of due rows: claim them without waiting
-    #: for rows another sweeper holds, or "" where writers are serialised anyway.
-    skip_locked: str
     #: Name of the two-argument maximum function.
     greatest: str
     #: Appended to the ``id`` column type (a bytewise collation, so ordering matches Python's).

@@ -17,11 +17,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ._errors import SessionNotFound, VersionConflict, gone
-from ._jsonmerge import merge_patch
+from ._expiry import due_params, idle_due_params
+from ._jsonmerge import patched
 from ._sql_codec import RowCodec, Undecodable
 from ._sql_statements import Statements
 from ._state import TerminationReason
-from ._store import TERMINATED, SessionRecord, Touch
+from ._store import TERMINATED, InstanceRecord, Limits, SessionRecord, Touch
 
 __all__ = ["Operations", "to_reason"]
 
@@ -52,8 +53,47 @@ class Operations:
         self._codec = codec
         self._backend = backend
 
-    def create(self, cur: Any, *, row: Sequence[Any]) -> None:
+    def create(
+        self, cur: Any, *, row: Sequence[Any], principal: str, limits: Limits | None, lock_key: str
+    ) -> list[str]:
+        evicted = self._make_room(cur, principal, limits, lock_key) if limits else []
         cur.execute(self._sql.insert, row)
+        return evicted
+
+    def _make_room(self, cur: Any, principal: str, limits: Limits, lock_key: str) -> list[str]:
+        """Count live sessions (global, then the principal's) under the write lock; evict or
+        raise at a limit. Counting stops at the limit, so it costs O(limit), not O(rows)."""
+        sql = self._sql
+        if sql.admit_lock:
+            cur.execute(sql.admit_lock, (lock_key,))
+        due = due_params(limits.now, limits.grace)
+        evicted: list[str] = []
+        scopes: list[tuple[str, int, tuple[Any, ...]]] = [
+            ("global", limits.max_sessions, ()),
+            (f"principal {principal!r}", limits.max_per_principal, (principal,)),
+        ]
+        for scope, limit, who in scopes:
+            count_sql = sql.count_live_principal if who else sql.count_live
+            victim_sql = sql.evict_victim_principal if who else sql.evict_victim
+            while True:
+                cur.execute(count_sql, (*who, *due, limit))
+                if int(_one(cur)[0]) < limit:
+                    break
+                victim = None
+                if limits.evict_before is not None:
+                    cur.execute(victim_sql, (*who, limits.evict_before, *due))
+                    victim = _one(cur)
+                if victim is None:
+                    raise limits.exceeded(scope, limit)
+                self.terminate(
+                    cur,
+                    session_id=str(victim[0]),
+                    reason=TerminationReason.EVICTED,
+                    at=limits.now,
+                    touch=None,
+                )
+                evicted.append(str(victim[0]))
+        return evicted
 
     def load(
         self, cur: Any, *, key: str, by_hash: bool, known_version: int | None
@@ -93,11 +133,19 @@ class Operations:
         return to_reason(row[0]) if row is not None else None
 
     def expire(
-        self, cur: Any, *, session_id: str, now: float, grace: float
+        self,
+        cur: Any,
+        *,
+        session_id: str,
+        now: float,
+        grace: float,
+        unchanged_since: float | None,
     ) -> TerminationReason | None:
-        # DUE_SQL's parameters are (now, now - grace).
-        cur.execute(self._sql.expire, (now, now, session_id, now, now - grace))
+        cur.execute(self._sql.expire, (now, now, session_id, *due_params(now, grace)))
         row = _one(cur)
+        if row is None and unchanged_since is not None:
+            cur.execute(self._sql.expire_unchanged, (now, now, session_id, unchanged_since))
+            row = _one(cur)
         return to_reason(row[0]) if row is not None else None
 
     def patch_state(
@@ -108,6 +156,7 @@ class Operations:
         patch: Mapping[str, Any],
         if_version: int | None,
         at: float,
+        max_bytes: int | None,
     ) -> tuple[int, dict[str, Any]]:
         cur.execute(self._sql.patch_read, (session_id,))
         row = _one(cur)
@@ -125,7 +174,7 @@ class Operations:
             raise gone(session_id, to_reason(reason))
         if if_version is not None and if_version != version:
             raise VersionConflict(if_version, version)
-        new_doc = merge_patch(doc, dict(patch))
+        new_doc = patched(doc, dict(patch), max_bytes)
         new_version = int(version) + 1
         cur.execute(
             self._sql.patch_write, (self._codec.json_param(new_doc), new_version, at, session_id)
@@ -153,20 +202,76 @@ class Operations:
         cur.execute(self._sql.counts)
         return {(str(s), str(k)): int(n) for s, k, n in cur.fetchall()}
 
+    def sweep_find(self, cur: Any, *, now: float, limit: int, grace: float) -> list[str]:
+        """Ids of due sessions (a read: two index range scans)."""
+        cur.execute(self._sql.sweep_find, (now, limit, *idle_due_params(now, grace), limit))
+        return sorted(str(r[0]) for r in cur.fetchall())[:limit]
+
     def sweep(
-        self, cur: Any, *, now: float, limit: int, grace: float
+        self,
+        cur: Any,
+        *,
+        ids: Sequence[str],
+        now: float,
+        grace: float,
+        lease: tuple[str, str, float] | None,
     ) -> list[tuple[str, TerminationReason]]:
-        cur.execute(self._sql.sweep, (now, now, now, now - grace, limit))
+        """End those of ``ids`` still due (under the sweep lease, if one is named)."""
+        if lease is not None:
+            name, holder, until = lease
+            cur.execute(self._sql.lease_take, (name, holder, until, now))
+            if not cur.fetchall():
+                return []  # another process holds the lease: it sweeps this interval
         ended = []
-        for session_id, reason in cur.fetchall():
-            why = to_reason(reason)
-            assert why is not None
-            ended.append((str(session_id), why))
+        params = due_params(now, grace)
+        for session_id in ids:
+            cur.execute(self._sql.sweep_end, (now, now, session_id, *params))
+            row = _one(cur)
+            if row is not None:
+                why = to_reason(row[1])
+                assert why is not None
+                ended.append((str(row[0]), why))
         return ended
+
+    def purge_find(self, cur: Any, *, before: float) -> bool:
+        cur.execute(self._sql.purge_find, (before,))
+        return _one(cur) is not None
 
     def purge(self, cur: Any, *, before: float) -> int:
         cur.execute(self._sql.purge, (before,))
         return int(cur.rowcount)
+
+    # -- instances ----------------------------------------------------------------
+
+    def register_instance(self, cur: Any, *, instance: InstanceRecord) -> None:
+        cur.execute(self._sql.instance_upsert, self._codec.instance_row(instance))
+
+    def heartbeat(self, cur: Any, *, instance_id: str, at: float, lease_until: float) -> bool:
+        cur.execute(self._sql.heartbeat, (at, lease_until, instance_id))
+        return int(cur.rowcount) > 0
+
+    def remove_instance(self, cur: Any, *, instance_id: str) -> None:
+        cur.execute(self._sql.instance_delete, (instance_id,))
+
+    def list_instances(self, cur: Any) -> list[InstanceRecord]:
+        cur.execute(self._sql.instances)
+        return self._codec.instances(cur.fetchall())
+
+    def lapsed_instances(self, cur: Any, *, before: float) -> list[str]:
+        cur.execute(self._sql.lapsed_instances, (before,))
+        return sorted(str(r[0]) for r in cur.fetchall())
+
+    def reap_instances(
+        self, cur: Any, *, instance_ids: Sequence[str], before: float, at: float
+    ) -> list[str]:
+        ended: list[str] = []
+        for instance_id in instance_ids:
+            cur.execute(self._sql.instance_reap, (instance_id, before))
+            if int(cur.rowcount) <= 0:
+                continue  # renewed meanwhile, or another process reaped it
+            cur.execute(self._sql.reap_sessions, (at, instance_id))
+            ended.extend(str(r[0]) for r in cur.fetchall())
+        return ended
 
     def schema_version(self, cur: Any) -> int:
         cur.execute(self._sql.schema_version)

@@ -19,6 +19,12 @@ Migrations are appended, never edited once released.
    tell its own writes from everyone else's (see ``change_epoch``). Code that
    knows only version 1 would write without bumping it, so it must refuse this
    schema, and does. PostgreSQL records the version and changes nothing.
+3. Many processes: ``sessions.instance`` (the process serving a connection
+   session), ``instances`` (each process's lease), ``leases`` (the sweep
+   lease), and the indexes that keep counting O(limit) and sweeps O(due): live
+   sessions by principal and by instance, and ``(kind, state)`` for status
+   (kind first, so it never competes with the deadline indexes for
+   ``state = ...`` lookups).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from ._store import LIVE, TERMINATED, SchemaTooNew
 
 __all__ = [
     "COLUMNS",
+    "INSTANCE_COLUMNS",
     "JSON_COLUMNS",
     "LATEST_SCHEMA",
     "apply_migrations",
@@ -57,11 +64,22 @@ COLUMNS = (
     "terminated_at",
     "requests",
     "errors",
+    "instance",
+)
+#: The columns of ``instances``, in the order every statement selects them.
+INSTANCE_COLUMNS = (
+    "id",
+    "host",
+    "pid",
+    "version",
+    "started_at",
+    "heartbeat_at",
+    "lease_until",
 )
 JSON_COLUMNS = frozenset({"client", "metadata", "doc"})
 
 #: The schema version this code writes and understands.
-LATEST_SCHEMA = 2
+LATEST_SCHEMA = 3
 
 _SCHEMA_VERSION_DDL = (
     "CREATE TABLE IF NOT EXISTS schema_version ("
@@ -117,9 +135,31 @@ def _generation(d: Dialect) -> list[str]:
     ]
 
 
+def _many_processes(d: Dialect) -> list[str]:
+    live = f"WHERE state <> '{TERMINATED}'"
+    return [
+        "ALTER TABLE sessions ADD COLUMN instance TEXT",
+        f"""CREATE TABLE instances (
+            id TEXT {d.id_collation} PRIMARY KEY,
+            host TEXT NOT NULL,
+            pid BIGINT NOT NULL,
+            version TEXT NOT NULL,
+            started_at DOUBLE PRECISION NOT NULL,
+            heartbeat_at DOUBLE PRECISION NOT NULL,
+            lease_until DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX instances_lease ON instances (lease_until)",
+        "CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, "
+        "until_at DOUBLE PRECISION NOT NULL)",
+        f"CREATE INDEX sessions_live_principal ON sessions (principal) {live}",
+        f"CREATE INDEX sessions_live_instance ON sessions (instance) {live}",
+        "CREATE INDEX sessions_kind_state ON sessions (kind, state)",
+    ]
+
+
 def migrations(d: Dialect) -> list[tuple[int, list[str]]]:
     """Forward-only migrations: (version, statements). Never edit a released entry; append."""
-    return [(1, _sessions_table(d)), (2, _generation(d))]
+    return [(1, _sessions_table(d)), (2, _generation(d)), (3, _many_processes(d))]
 
 
 def schema_too_new_message(where: str, found: int) -> str:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import attrs
 
-from ._expiry import DUE_SQL, REASON_SQL
+from ._expiry import DUE_SQL, IDLE_DUE_SQL, LIFETIME_DUE_SQL, REASON_SQL
 from ._sql_dialect import Dialect
-from ._sql_schema import COLUMNS
+from ._sql_schema import COLUMNS, INSTANCE_COLUMNS
+from ._state import TerminationReason
 from ._store import INITIALIZING, LIVE, TERMINATED
 
 __all__ = ["Statements"]
@@ -33,8 +34,10 @@ class Statements:
     terminate: str
     #: id -> reason.
     reason_of: str
-    #: now, now, id, now, now - grace -> RETURNING reason.
+    #: now, now, id, due_params(now, grace) -> RETURNING reason.
     expire: str
+    #: now, now, id, unchanged_since -> RETURNING reason (idle, nobody's use written since).
+    expire_unchanged: str
     #: id -> state, reason, doc, version (row-locked where the dialect locks rows).
     patch_read: str
     #: doc, version, at, id.
@@ -49,10 +52,40 @@ class Statements:
     list_recent: str
     #: -> state, kind, count.
     counts: str
-    #: now, now, now, now - grace, limit -> RETURNING id, reason.
-    sweep: str
+    #: now, limit, idle_due_params(now, grace), limit -> ids of due rows (index range scans).
+    sweep_find: str
+    #: now, now, id, due_params(now, grace) -> RETURNING id, reason.
+    sweep_end: str
+    #: name, holder, until, now -> RETURNING holder when the lease is (now) the holder's.
+    lease_take: str
+    #: before -> a row if anything is old enough to purge.
+    purge_find: str
     #: before.
     purge: str
+    #: due_params(now, grace), limit -> live sessions not due, counted up to limit.
+    count_live: str
+    #: principal, due_params(now, grace), limit -> the principal's, as :attr:`count_live`.
+    count_live_principal: str
+    #: evict_before, due_params(now, grace) -> the longest-idle live session not due.
+    evict_victim: str
+    #: principal, evict_before, due_params(now, grace) -> the principal's, as above.
+    evict_victim_principal: str
+    #: key -> takes the admission lock until commit ("" where writers are serialised).
+    admit_lock: str
+    #: every column of INSTANCE_COLUMNS (insert or replace).
+    instance_upsert: str
+    #: heartbeat_at, lease_until, id.
+    heartbeat: str
+    #: id.
+    instance_delete: str
+    #: -> rows of INSTANCE_COLUMNS, oldest first.
+    instances: str
+    #: before -> ids of instances whose lease ended before.
+    lapsed_instances: str
+    #: id, before -> forgets a lapsed instance (rowcount 1 if this call did).
+    instance_reap: str
+    #: at, instance -> RETURNING ids of its live sessions, now ended ``disconnected``.
+    reap_sessions: str
     #: -> the newest schema version.
     schema_version: str
 
@@ -86,6 +119,11 @@ class Statements:
                 f"UPDATE sessions SET state = '{TERMINATED}', reason = {REASON_SQL}, "
                 f"terminated_at = %s WHERE id = %s AND {DUE_SQL} RETURNING reason"
             ),
+            expire_unchanged=d.q(
+                f"UPDATE sessions SET state = '{TERMINATED}', reason = {REASON_SQL}, "
+                f"terminated_at = %s WHERE id = %s AND state = '{LIVE}' AND last_active <= %s "
+                "RETURNING reason"
+            ),
             patch_read=d.q(
                 "SELECT state, reason, doc, version FROM sessions WHERE id = %s" + d.for_update
             ),
@@ -107,12 +145,61 @@ class Statements:
             ),
             list_recent=d.q(f"SELECT {cols} FROM sessions ORDER BY last_active DESC, id LIMIT %s"),
             counts="SELECT state, kind, COUNT(*) FROM sessions GROUP BY state, kind",
-            sweep=d.q(
+            # Two range scans, one per deadline index; each half is its own
+            # subquery so its LIMIT bounds its scan.
+            sweep_find=d.q(
+                f"SELECT id FROM (SELECT id FROM sessions WHERE {LIFETIME_DUE_SQL} LIMIT %s) AS a "
+                f"UNION SELECT id FROM (SELECT id FROM sessions WHERE {IDLE_DUE_SQL} LIMIT %s) AS b"
+            ),
+            sweep_end=d.q(
                 f"UPDATE sessions SET state = '{TERMINATED}', reason = {REASON_SQL}, "
-                f"terminated_at = %s WHERE id IN (SELECT id FROM sessions WHERE {DUE_SQL} "
-                f"ORDER BY created_at, id LIMIT %s{d.skip_locked}) AND state <> '{TERMINATED}' "
-                "RETURNING id, reason"
+                f"terminated_at = %s WHERE id = %s AND {DUE_SQL} RETURNING id, reason"
+            ),
+            lease_take=d.q(
+                "INSERT INTO leases (name, holder, until_at) VALUES (%s, %s, %s) "
+                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
+                "until_at = excluded.until_at "
+                "WHERE leases.until_at <= %s OR leases.holder = excluded.holder RETURNING holder"
+            ),
+            purge_find=d.q(
+                f"SELECT 1 FROM sessions WHERE state = '{TERMINATED}' AND terminated_at < %s "
+                "LIMIT 1"
             ),
             purge=d.q(f"DELETE FROM sessions WHERE state = '{TERMINATED}' AND terminated_at < %s"),
+            count_live=d.q(
+                f"SELECT COUNT(*) FROM (SELECT 1 FROM sessions WHERE state <> '{TERMINATED}' "
+                f"AND NOT ({DUE_SQL}) LIMIT %s) AS live"
+            ),
+            count_live_principal=d.q(
+                f"SELECT COUNT(*) FROM (SELECT 1 FROM sessions WHERE principal = %s "
+                f"AND state <> '{TERMINATED}' AND NOT ({DUE_SQL}) LIMIT %s) AS live"
+            ),
+            evict_victim=d.q(
+                f"SELECT id FROM sessions WHERE state = '{LIVE}' AND last_active <= %s "
+                f"AND NOT ({DUE_SQL}) ORDER BY last_active, id LIMIT 1"
+            ),
+            evict_victim_principal=d.q(
+                f"SELECT id FROM sessions WHERE principal = %s AND state = '{LIVE}' "
+                f"AND last_active <= %s AND NOT ({DUE_SQL}) ORDER BY last_active, id LIMIT 1"
+            ),
+            admit_lock=(
+                d.q("SELECT pg_advisory_xact_lock(hashtext(%s))") if d.name == "postgresql" else ""
+            ),
+            instance_upsert=d.q(
+                f"INSERT INTO instances ({', '.join(INSTANCE_COLUMNS)}) "
+                f"VALUES ({', '.join(['%s'] * len(INSTANCE_COLUMNS))}) ON CONFLICT (id) DO UPDATE "
+                "SET " + ", ".join(f"{c} = excluded.{c}" for c in INSTANCE_COLUMNS if c != "id")
+            ),
+            heartbeat=d.q("UPDATE instances SET heartbeat_at = %s, lease_until = %s WHERE id = %s"),
+            instance_delete=d.q("DELETE FROM instances WHERE id = %s"),
+            instances=f"SELECT {', '.join(INSTANCE_COLUMNS)} FROM instances "
+            "ORDER BY started_at, id",
+            lapsed_instances=d.q("SELECT id FROM instances WHERE lease_until < %s"),
+            instance_reap=d.q("DELETE FROM instances WHERE id = %s AND lease_until < %s"),
+            reap_sessions=d.q(
+                f"UPDATE sessions SET state = '{TERMINATED}', "
+                f"reason = '{TerminationReason.DISCONNECTED.value}', terminated_at = %s "
+                f"WHERE instance = %s AND state <> '{TERMINATED}' RETURNING id"
+            ),
             schema_version="SELECT MAX(version) FROM schema_version",
         )

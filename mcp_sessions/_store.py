@@ -31,6 +31,19 @@ written since it was last asked, and ``known_version`` leaves out a document
 the caller already holds. :meth:`SessionStore.statistics` counts operations
 and the transactions they shared.
 
+Several processes share one store, so it is also where they agree:
+
+- **limits**: :meth:`SessionStore.create` with :class:`Limits` counts the
+  live sessions (global and the principal's) atomically with the insert, and
+  under ``evict_idle`` ends the longest-idle one in the full scope in the same
+  transaction;
+- **instances**: each process registers an :class:`InstanceRecord` and
+  renews its lease; connection sessions name their instance, and whoever
+  finds an instance's lease lapsed ends them (:meth:`SessionStore.reap_instances`);
+- **sweeps**: :meth:`SessionStore.sweep` reads what is due first and writes
+  only when something is, and with a ``holder`` only the holder of the sweep
+  lease sweeps, so one process sweeps per interval.
+
 Every backend implements :class:`SessionStore`; one contract test suite
 (``tests/test_store_contract.py``) runs against all of them. Failures to reach
 the store raise :class:`StoreUnavailable` (tool error ``store_unavailable``)
@@ -50,13 +63,15 @@ import attrs
 import trio
 
 from . import _expiry
-from ._errors import SessionError, SessionNotFound, VersionConflict, gone
-from ._jsonmerge import merge_patch
+from ._errors import LimitExceeded, SessionError, SessionNotFound, VersionConflict, gone
+from ._jsonmerge import patched
 from ._state import TerminationReason
 
 __all__ = [
     "LIVE",
     "TERMINATED",
+    "InstanceRecord",
+    "Limits",
     "MemoryStore",
     "SessionRecord",
     "SessionStore",
@@ -116,6 +131,9 @@ class SessionRecord:
     terminated_at: float | None = None
     requests: int = 0
     errors: int = 0
+    #: The instance (process) serving a connection session; None for handle sessions,
+    #: which belong to nobody.
+    instance: str | None = None
 
     @property
     def live(self) -> bool:
@@ -158,6 +176,45 @@ class Touch:
     last_active: float
     requests: int = 0
     errors: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class Limits:
+    """Admission limits a store checks atomically with an insert (see :meth:`SessionStore.create`).
+
+    Live sessions count when they are not due at ``now`` (with the idle
+    allowance ``grace``): a session whose deadline passed but that nobody has
+    swept yet takes no room.
+    """
+
+    max_sessions: int
+    max_per_principal: int
+    now: float
+    grace: float = 0.0
+    #: Under ``evict_idle``: make room by ending (reason ``evicted``) the
+    #: longest-idle session in the full scope, among those not active since
+    #: this time (so one busy in some process is never taken). None: refuse.
+    evict_before: float | None = None
+
+    def exceeded(self, scope: str, limit: int) -> LimitExceeded:
+        return LimitExceeded.at(scope, limit, evicting=self.evict_before is not None)
+
+
+@attrs.frozen(kw_only=True)
+class InstanceRecord:
+    """A process serving sessions from the store, with its lease (wall-clock seconds)."""
+
+    id: str
+    host: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+    #: Past this, the instance counts as gone and its connection sessions are ended.
+    lease_until: float
+    version: str = ""
+
+    def lapsed(self, now: float) -> bool:
+        return self.lease_until <= now
 
 
 @attrs.frozen(kw_only=True)
@@ -215,8 +272,15 @@ class SessionStore(Protocol):
     async def aclose(self) -> None:
         """Release connections."""
 
-    async def create(self, record: SessionRecord) -> None:
-        """Insert a new record (committed when this returns)."""
+    async def create(self, record: SessionRecord, *, limits: Limits | None = None) -> list[str]:
+        """Insert a new record (committed when this returns).
+
+        With ``limits``, first count the live sessions (global, then the
+        principal's) in the same transaction, race-free across processes;
+        at a limit, evict (when ``limits.evict_before`` is set) or raise
+        :class:`LimitExceeded` and insert nothing. Returns the ids of the
+        sessions evicted to make room.
+        """
 
     async def load(
         self, session_id: str, *, known_version: int | None = None
@@ -246,22 +310,38 @@ class SessionStore(Protocol):
         """
 
     async def expire(
-        self, session_id: str, now: float, *, grace: float = 0.0
+        self,
+        session_id: str,
+        now: float,
+        *,
+        grace: float = 0.0,
+        unchanged_since: float | None = None,
     ) -> TerminationReason | None:
         """End the session if its idle or absolute deadline has passed at ``now``.
 
         ``grace`` widens the idle bound only (use elsewhere not written yet).
-        Returns the reason if *this call* ended it, else None.
+        ``unchanged_since``: the caller found the session idle-due on its own
+        (monotonic) clock and knows its use up to this ``last_active``; if no
+        later use was written since, it ends with ``idle_timeout`` whatever
+        the wall clocks say. Returns the reason if *this call* ended it, else None.
         """
 
     async def patch_state(
-        self, session_id: str, patch: Mapping[str, Any], *, if_version: int | None, at: float
+        self,
+        session_id: str,
+        patch: Mapping[str, Any],
+        *,
+        if_version: int | None,
+        at: float,
+        max_bytes: int | None = None,
     ) -> tuple[int, dict[str, Any]]:
         """Apply an RFC 7386 merge patch in one transaction; return (new version, document).
 
         Raises :class:`VersionConflict` when ``if_version`` is not the current
-        version, :class:`SessionExpired`/:class:`SessionClosed` for an ended
-        session and :class:`SessionNotFound` for no record.
+        version, :class:`StateTooLarge` when the result would be over
+        ``max_bytes`` (nothing is written), :class:`SessionExpired`/
+        :class:`SessionClosed` for an ended session and
+        :class:`SessionNotFound` for no record.
         """
 
     async def touch(self, touches: Sequence[Touch]) -> None:
@@ -276,16 +356,45 @@ class SessionStore(Protocol):
         """Any principal's sessions, most recently active first (operators)."""
 
     async def counts(self) -> dict[tuple[str, str], int]:
-        """Number of records by ``(state, kind)`` (operators)."""
+        """Number of records by ``(state, kind)`` (operators; from an index)."""
 
     async def sweep(
-        self, now: float, limit: int = 1000, *, grace: float = 0.0
+        self,
+        now: float,
+        limit: int = 1000,
+        *,
+        grace: float = 0.0,
+        holder: str | None = None,
+        lease: float = 0.0,
     ) -> list[tuple[str, TerminationReason]]:
         """End up to ``limit`` sessions whose deadline passed (``grace`` widens the idle
-        bound only); return what *this call* ended."""
+        bound only); return what *this call* ended.
+
+        Costs O(due): it looks for due sessions before it writes, and writes
+        only when some are. With ``holder``, it sweeps only if it holds (or
+        takes, for ``lease`` seconds) the sweep lease: one holder per lease.
+        """
 
     async def purge(self, before: float) -> int:
-        """Delete terminated records that ended before ``before``; return how many."""
+        """Delete terminated records that ended before ``before``; return how many
+        (writes only when there is something to delete)."""
+
+    async def register_instance(self, instance: InstanceRecord) -> None:
+        """Record a process serving sessions (or renew it whole)."""
+
+    async def heartbeat(self, instance_id: str, at: float, lease_until: float) -> bool:
+        """Renew an instance's lease; False if its record is gone (it was reaped)."""
+
+    async def remove_instance(self, instance_id: str) -> None:
+        """Forget an instance that stopped cleanly (its sessions are already ended)."""
+
+    async def list_instances(self) -> list[InstanceRecord]:
+        """Every registered instance, lapsed ones included, oldest first."""
+
+    async def reap_instances(self, before: float, at: float) -> list[str]:
+        """End (reason ``disconnected``) the live connection sessions of every instance
+        whose lease ended before ``before``, and forget those instances; return the
+        ids of the sessions ended. Writes only when some lease has lapsed."""
 
     async def health(self) -> StoreHealth:
         """Reachability and round-trip latency. Never raises."""
@@ -322,6 +431,8 @@ class MemoryStore:
     def __init__(self) -> None:
         self._records: dict[str, SessionRecord] = {}
         self._by_hash: dict[str, str] = {}
+        self._instances: dict[str, InstanceRecord] = {}
+        self._sweep_lease: tuple[str, float] | None = None  # (holder, until)
         self._operations: dict[str, int] = {}
         self._writes = 0
 
@@ -349,16 +460,55 @@ class MemoryStore:
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
 
-    async def create(self, record: SessionRecord) -> None:
+    async def create(self, record: SessionRecord, *, limits: Limits | None = None) -> list[str]:
         await trio.lowlevel.checkpoint()
         self._count("create", write=True)
         if record.id in self._records or (
             record.handle_hash is not None and record.handle_hash in self._by_hash
         ):
             raise StoreError(f"duplicate session {record.id}")
+        evicted = self._make_room(record.principal, limits) if limits is not None else []
         self._records[record.id] = _frozen_copy(attrs.evolve(record, doc_loaded=True))
         if record.handle_hash is not None:
             self._by_hash[record.handle_hash] = record.id
+        return evicted
+
+    def _make_room(self, principal: str, limits: Limits) -> list[str]:
+        """Check (and under evict_idle, make) room for one more session; see :class:`Limits`."""
+        evicted: list[str] = []
+        scopes: list[tuple[str, int, str | None]] = [
+            ("global", limits.max_sessions, None),
+            (f"principal {principal!r}", limits.max_per_principal, principal),
+        ]
+        for scope, limit, who in scopes:
+            while True:
+                counted = [
+                    r
+                    for r in self._records.values()
+                    if r.live
+                    and (who is None or r.principal == who)
+                    and r.due(limits.now, grace=limits.grace) is None
+                ]
+                if len(counted) < limit:
+                    break
+                idle = [
+                    r
+                    for r in counted
+                    if limits.evict_before is not None
+                    and r.state == LIVE
+                    and r.last_active <= limits.evict_before
+                ]
+                if not idle:
+                    raise limits.exceeded(scope, limit)
+                victim = min(idle, key=lambda r: (r.last_active, r.id))
+                self._records[victim.id] = attrs.evolve(
+                    victim,
+                    state=TERMINATED,
+                    reason=TerminationReason.EVICTED.value,
+                    terminated_at=limits.now,
+                )
+                evicted.append(victim.id)
+        return evicted
 
     def _get(self, session_id: str | None, known_version: int | None) -> SessionRecord | None:
         record = self._records.get(session_id) if session_id is not None else None
@@ -407,12 +557,25 @@ class MemoryStore:
         return reason
 
     async def expire(
-        self, session_id: str, now: float, *, grace: float = 0.0
+        self,
+        session_id: str,
+        now: float,
+        *,
+        grace: float = 0.0,
+        unchanged_since: float | None = None,
     ) -> TerminationReason | None:
         await trio.lowlevel.checkpoint()
         self._count("expire", write=True)
         record = self._records.get(session_id)
         reason = record.due(now, grace=grace) if record is not None else None
+        if (
+            reason is None
+            and record is not None
+            and unchanged_since is not None
+            and record.state == LIVE
+            and record.last_active <= unchanged_since
+        ):
+            reason = TerminationReason.IDLE_TIMEOUT
         if record is None or reason is None:
             return None
         self._records[session_id] = attrs.evolve(
@@ -421,7 +584,13 @@ class MemoryStore:
         return reason
 
     async def patch_state(
-        self, session_id: str, patch: Mapping[str, Any], *, if_version: int | None, at: float
+        self,
+        session_id: str,
+        patch: Mapping[str, Any],
+        *,
+        if_version: int | None,
+        at: float,
+        max_bytes: int | None = None,
     ) -> tuple[int, dict[str, Any]]:
         await trio.lowlevel.checkpoint()
         self._count("patch_state", write=True)
@@ -432,7 +601,7 @@ class MemoryStore:
             raise gone(record.id, record.termination_reason)
         if if_version is not None and if_version != record.version:
             raise VersionConflict(if_version, record.version)
-        doc = merge_patch(dict(record.doc), dict(patch))
+        doc = patched(dict(record.doc), dict(patch), max_bytes)
         version = record.version + 1
         self._records[session_id] = attrs.evolve(
             record, doc=doc, version=version, last_active=max(record.last_active, at)
@@ -474,35 +643,96 @@ class MemoryStore:
         return result
 
     async def sweep(
-        self, now: float, limit: int = 1000, *, grace: float = 0.0
+        self,
+        now: float,
+        limit: int = 1000,
+        *,
+        grace: float = 0.0,
+        holder: str | None = None,
+        lease: float = 0.0,
     ) -> list[tuple[str, TerminationReason]]:
         await trio.lowlevel.checkpoint()
-        self._count("sweep", write=True)
-        ended: list[tuple[str, TerminationReason]] = []
-        for record in list(self._records.values()):
-            if len(ended) >= limit:
-                break
-            reason = record.due(now, grace=grace)
-            if reason is not None:
-                self._records[record.id] = attrs.evolve(
-                    record, state=TERMINATED, reason=reason.value, terminated_at=now
-                )
-                ended.append((record.id, reason))
-        return ended
+        self._count("sweep")
+        due = [
+            (r, reason)
+            for r in self._records.values()
+            if (reason := r.due(now, grace=grace)) is not None
+        ][: max(0, limit)]
+        if not due:
+            return []
+        if holder is not None:
+            held = self._sweep_lease
+            if held is not None and held[0] != holder and held[1] > now:
+                return []  # another process sweeps this interval
+            self._sweep_lease = (holder, now + lease)
+        self._writes += 1
+        for record, reason in due:
+            self._records[record.id] = attrs.evolve(
+                record, state=TERMINATED, reason=reason.value, terminated_at=now
+            )
+        return [(r.id, reason) for r, reason in due]
 
     async def purge(self, before: float) -> int:
         await trio.lowlevel.checkpoint()
-        self._count("purge", write=True)
+        self._count("purge")
         doomed = [
             r
             for r in self._records.values()
             if not r.live and r.terminated_at is not None and r.terminated_at < before
         ]
+        self._writes += bool(doomed)
         for r in doomed:
             del self._records[r.id]
             if r.handle_hash is not None:
                 self._by_hash.pop(r.handle_hash, None)
         return len(doomed)
+
+    async def register_instance(self, instance: InstanceRecord) -> None:
+        await trio.lowlevel.checkpoint()
+        self._count("register_instance", write=True)
+        self._instances[instance.id] = instance
+
+    async def heartbeat(self, instance_id: str, at: float, lease_until: float) -> bool:
+        await trio.lowlevel.checkpoint()
+        self._count("heartbeat", write=True)
+        instance = self._instances.get(instance_id)
+        if instance is None:
+            return False
+        self._instances[instance_id] = attrs.evolve(
+            instance, heartbeat_at=at, lease_until=lease_until
+        )
+        return True
+
+    async def remove_instance(self, instance_id: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self._count("remove_instance", write=True)
+        self._instances.pop(instance_id, None)
+
+    async def list_instances(self) -> list[InstanceRecord]:
+        await trio.lowlevel.checkpoint()
+        self._count("list_instances")
+        return sorted(self._instances.values(), key=lambda i: (i.started_at, i.id))
+
+    async def reap_instances(self, before: float, at: float) -> list[str]:
+        await trio.lowlevel.checkpoint()
+        self._count("reap_instances")
+        gone_ids = {i.id for i in self._instances.values() if i.lease_until < before}
+        if not gone_ids:
+            return []
+        self._writes += 1
+        ended = []
+        for r in list(self._records.values()):
+            if r.live and r.instance in gone_ids:
+                self._records[r.id] = attrs.evolve(
+                    r,
+                    state=TERMINATED,
+                    reason=TerminationReason.DISCONNECTED.value,
+                    terminated_at=at,
+                )
+                ended.append(r.id)
+        for instance_id in gone_ids:
+            del self._instances[instance_id]
+        return ended
 
     async def health(self) -> StoreHealth:
         start = time.perf_counter()

@@ -10,9 +10,11 @@ each take everything queued and run it as one transaction per hop, every
 operation in its own savepoint. Writes of a hop are ordered by session id, so
 two hops lock rows in the same order; a deadlock or serialisation failure
 that happens anyway is retried (the whole transaction was rolled back). Patches
-lock their row (``SELECT ... FOR UPDATE``); the sweep claims due rows with
-``FOR UPDATE SKIP LOCKED`` so concurrent sweepers split the work and each
-session is ended exactly once.
+lock their row (``SELECT ... FOR UPDATE``); the sweep ends due rows with
+conditional updates, so each session is ended exactly once whoever sweeps.
+Opening a session with limits takes a transaction-scoped advisory lock
+(``pg_advisory_xact_lock``) before it counts, so two instances never both
+take the last place.
 
 Why threads per connection rather than psycopg's pipeline mode: every
 operation is a read-modify-write with Python between its statements (a patch
@@ -70,7 +72,6 @@ POSTGRES = Dialect(
     json_param=Jsonb,
     json_type="JSONB",
     for_update=" FOR UPDATE",
-    skip_locked=" FOR UPDATE SKIP LOCKED",
     greatest="GREATEST",
     id_collation='COLLATE "C"',
     multi_statement=True,
@@ -159,6 +160,7 @@ class PostgresStore(SQLStoreBase):
             f" (schema {schema})" if schema else ""
         )
         super().__init__()
+        self._lock_key = f"mcp_sessions:admit:{schema or ''}"
         self._lifecycle = trio.Lock()
         self._pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] | None = None
 

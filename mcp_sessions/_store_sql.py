@@ -39,6 +39,8 @@ from ._sql_statements import Statements
 from ._sql_worker import COMMITTING, DONE, Counters, GroupCommit
 from ._state import TerminationReason
 from ._store import (
+    InstanceRecord,
+    Limits,
     SessionRecord,
     StoreError,
     StoreHealth,
@@ -71,6 +73,8 @@ class SQLStoreBase:
     op_timeout: float
     #: How the store names itself in errors and logs (no password).
     _where: str
+    #: Names the admission lock where the dialect takes one (PostgreSQL: per schema).
+    _lock_key = "mcp_sessions:admit"
 
     def __init__(self) -> None:
         self._sql = Statements.build(self.dialect)
@@ -202,10 +206,16 @@ class SQLStoreBase:
             schema_version=version,
         )
 
-    async def create(self, record: SessionRecord) -> None:
-        fn = partial(self._ops.create, row=self._codec.row(record))
+    async def create(self, record: SessionRecord, *, limits: Limits | None = None) -> list[str]:
+        fn = partial(
+            self._ops.create,
+            row=self._codec.row(record),
+            principal=record.principal,
+            limits=limits,
+            lock_key=self._lock_key,
+        )
         try:
-            await self._run("create", fn, write=True, key=record.id)
+            return await self._run("create", fn, write=True, key=record.id)
         except Exception as exc:
             if self._is_duplicate(exc):
                 raise StoreError(f"duplicate session {record.id}") from None
@@ -234,13 +244,30 @@ class SQLStoreBase:
         return await self._run("terminate", fn, write=True, key=session_id)
 
     async def expire(
-        self, session_id: str, now: float, *, grace: float = 0.0
+        self,
+        session_id: str,
+        now: float,
+        *,
+        grace: float = 0.0,
+        unchanged_since: float | None = None,
     ) -> TerminationReason | None:
-        fn = partial(self._ops.expire, session_id=session_id, now=now, grace=grace)
+        fn = partial(
+            self._ops.expire,
+            session_id=session_id,
+            now=now,
+            grace=grace,
+            unchanged_since=unchanged_since,
+        )
         return await self._run("expire", fn, write=True, key=session_id)
 
     async def patch_state(
-        self, session_id: str, patch: Mapping[str, Any], *, if_version: int | None, at: float
+        self,
+        session_id: str,
+        patch: Mapping[str, Any],
+        *,
+        if_version: int | None,
+        at: float,
+        max_bytes: int | None = None,
     ) -> tuple[int, dict[str, Any]]:
         fn = partial(
             self._ops.patch_state,
@@ -248,6 +275,7 @@ class SQLStoreBase:
             patch=dict(patch),
             if_version=if_version,
             at=at,
+            max_bytes=max_bytes,
         )
         return await self._run("patch_state", fn, write=True, key=session_id)
 
@@ -275,13 +303,56 @@ class SQLStoreBase:
         return await self._run("counts", self._ops.counts, write=False)
 
     async def sweep(
-        self, now: float, limit: int = 1000, *, grace: float = 0.0
+        self,
+        now: float,
+        limit: int = 1000,
+        *,
+        grace: float = 0.0,
+        holder: str | None = None,
+        lease: float = 0.0,
     ) -> list[tuple[str, TerminationReason]]:
         if limit <= 0:
             await trio.lowlevel.checkpoint()
             return []
-        fn = partial(self._ops.sweep, now=now, limit=limit, grace=grace)
+        # Read first (no write lock): most sweeps find nothing and end here.
+        find = partial(self._ops.sweep_find, now=now, limit=limit, grace=grace)
+        ids = await self._read("sweep_find", find)
+        if not ids:
+            return []
+        fn = partial(
+            self._ops.sweep,
+            ids=ids,
+            now=now,
+            grace=grace,
+            lease=("sweep", holder, now + lease) if holder is not None else None,
+        )
         return await self._run("sweep", fn, write=True)
 
     async def purge(self, before: float) -> int:
+        if not await self._read("purge_find", partial(self._ops.purge_find, before=before)):
+            return 0
         return await self._run("purge", partial(self._ops.purge, before=before), write=True)
+
+    async def register_instance(self, instance: InstanceRecord) -> None:
+        fn = partial(self._ops.register_instance, instance=instance)
+        await self._run("register_instance", fn, write=True)
+
+    async def heartbeat(self, instance_id: str, at: float, lease_until: float) -> bool:
+        fn = partial(self._ops.heartbeat, instance_id=instance_id, at=at, lease_until=lease_until)
+        return await self._run("heartbeat", fn, write=True)
+
+    async def remove_instance(self, instance_id: str) -> None:
+        fn = partial(self._ops.remove_instance, instance_id=instance_id)
+        await self._run("remove_instance", fn, write=True)
+
+    async def list_instances(self) -> list[InstanceRecord]:
+        return await self._read("list_instances", self._ops.list_instances)
+
+    async def reap_instances(self, before: float, at: float) -> list[str]:
+        lapsed = await self._read(
+            "lapsed_instances", partial(self._ops.lapsed_instances, before=before)
+        )
+        if not lapsed:
+            return []
+        fn = partial(self._ops.reap_instances, instance_ids=lapsed, before=before, at=at)
+        return await self._run("reap_instances", fn, write=True)

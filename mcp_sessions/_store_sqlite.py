@@ -76,7 +76,6 @@ SQLITE = Dialect(
     json_param=lambda v: json.dumps(v, separators=(",", ":")),
     json_type="TEXT",
     for_update="",
-    skip_locked="",
     greatest="MAX",
     id_collation="",
     multi_statement=False,

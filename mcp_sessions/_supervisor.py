@@ -53,9 +53,18 @@ import trio
 from . import _admission
 from ._clock import RuntimeClock
 from ._deadlines import DeadlineSchedule
-from ._errors import SessionError, SessionNotFound, SessionSetupFailed, ShuttingDown, gone
+from ._errors import (
+    LimitExceeded,
+    MetadataTooLarge,
+    SessionError,
+    SessionNotFound,
+    SessionSetupFailed,
+    ShuttingDown,
+    gone,
+)
 from ._hooks import HookRunner, Hooks, ObserverDispatcher
 from ._invariants import check
+from ._jsonmerge import json_size
 from ._lifecycle import Lifecycle
 from ._metrics import RuntimeMetrics, RuntimeStatistics, render_prometheus
 from ._registry import Registry, Tombstone
@@ -131,7 +140,7 @@ class Supervisor:
         )
         self._sync: StoreSync
         if store is None:
-            self._sync = LocalSync(registry, metrics, clock)
+            self._sync = LocalSync(registry, metrics, clock, settings.max_state_bytes)
         else:
             durable = DurableSync(
                 store,
@@ -258,11 +267,17 @@ class Supervisor:
         call :meth:`mark_ready` on ``notifications/initialized``.
 
         Raises :class:`LimitExceeded` at a limit (after trying to evict under
-        ``LimitPolicy.EVICT_IDLE``), :class:`ShuttingDown` while stopping,
+        ``LimitPolicy.EVICT_IDLE``; with a store, the limits count every
+        process's sessions, atomically with the insert), :class:`MetadataTooLarge`
+        past ``max_metadata_bytes``, :class:`ShuttingDown` while stopping,
         :class:`SessionSetupFailed` if ``setup`` failed (the session has then
         ended with ``error``) and :class:`StoreUnavailable` if the store
         could not record it (it has then ended too).
         """
+        if metadata:
+            size = json_size(metadata)
+            if size > self.settings.max_metadata_bytes:
+                raise MetadataTooLarge(size, self.settings.max_metadata_bytes)
         await self._admit(principal)
         now = trio.current_time()
         session = Session(
@@ -285,9 +300,13 @@ class Supervisor:
             self._lifecycle.reschedule(session)
         try:
             await self._sync.created(session, ready=ready)
-        except BaseException:
-            # Acknowledge only what is committed: end it here, the caller hears why.
-            self._lifecycle.terminate(session, TerminationReason.ERROR)
+        except BaseException as exc:
+            # Acknowledge only what is committed: end it here, the caller hears why
+            # (a limit counted in the store is a refusal, not a failure).
+            refused = isinstance(exc, LimitExceeded)
+            self._lifecycle.terminate(
+                session, TerminationReason.CLOSED if refused else TerminationReason.ERROR
+            )
             with trio.CancelScope(shield=True):
                 await self.wait_terminated(session)
             raise
@@ -575,8 +594,13 @@ class Supervisor:
             raise self._ended_during_creation(session)
 
     async def _adopt(self, record: SessionRecord) -> Session:
-        """Bring a live stored session into this runtime (after a restart, or from elsewhere)."""
-        await self._admit(record.principal)
+        """Bring a live stored session into this runtime (after a restart, or from elsewhere).
+
+        Never refused by a limit: limits are about opening sessions, and this
+        one is open already (the store counted it when it opened).
+        """
+        if not self._admitting:
+            raise ShuttingDown()
         existing = self._registry.by_hash(record.handle_hash or "")
         if existing is not None and existing.live:
             return existing

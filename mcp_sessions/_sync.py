@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 from ._clock import RuntimeClock
 from ._errors import SessionNotFound, VersionConflict, gone
-from ._jsonmerge import merge_patch
+from ._jsonmerge import patched
 from ._metrics import RuntimeMetrics
 from ._registry import Registry
 from ._session import Session
@@ -58,7 +58,9 @@ _S = SessionState
 Task = tuple[str, Callable[[], Awaitable[None]]]
 
 
-def record_of(session: Session, clock: RuntimeClock, *, ready: bool) -> SessionRecord:
+def record_of(
+    session: Session, clock: RuntimeClock, *, ready: bool, instance: str | None = None
+) -> SessionRecord:
     """The store record for a session as it is here now."""
     return SessionRecord(
         id=session.id,
@@ -76,6 +78,7 @@ def record_of(session: Session, clock: RuntimeClock, *, ready: bool) -> SessionR
         expires_at=clock.wall_at(session.lifetime_end),
         requests=session.requests,
         errors=session.errors,
+        instance=instance,
     )
 
 
@@ -142,12 +145,14 @@ class StoreSync(Protocol):
         ...
 
 
-def _patch_here(session: Session, patch: Mapping[str, Any], if_version: int | None) -> int:
+def _patch_here(
+    session: Session, patch: Mapping[str, Any], if_version: int | None, max_bytes: int | None
+) -> int:
     """Apply a merge patch to the session's document in memory."""
     session.check_live()
     if if_version is not None and if_version != session._version:
         raise VersionConflict(if_version, session._version)
-    session._doc = merge_patch(session._doc or {}, dict(patch))
+    session._doc = patched(session._doc or {}, dict(patch), max_bytes)
     session._version += 1
     return session._version
 
@@ -185,9 +190,16 @@ class LocalSync(_Base):
     durable = False
     error: str | None = None
 
-    def __init__(self, registry: Registry, metrics: RuntimeMetrics, clock: RuntimeClock) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        metrics: RuntimeMetrics,
+        clock: RuntimeClock,
+        max_state_bytes: int | None = None,
+    ) -> None:
         super().__init__(registry, metrics)
         self._clock = clock
+        self._max_state_bytes = max_state_bytes
 
     @property
     def store(self) -> SessionStore | None:
@@ -217,7 +229,7 @@ class LocalSync(_Base):
     async def patch(
         self, session: Session, patch: Mapping[str, Any], if_version: int | None
     ) -> int:
-        return _patch_here(session, patch, if_version)
+        return _patch_here(session, patch, if_version, self._max_state_bytes)
 
     async def closing(self, session: Session, reason: TerminationReason) -> None:
         pass

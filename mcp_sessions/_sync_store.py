@@ -12,12 +12,23 @@ See :mod:`mcp_sessions._sync` for the protocol and the store path. Here:
   has loaded, purges old records).
 - :class:`ActivityWriter` owns the third, the flusher, and the sets of
   sessions whose activity or "ready" is not written yet.
+- :class:`~mcp_sessions._instances.InstanceLease` owns the fourth: this
+  process's lease, and the reaping of connection sessions left by processes
+  whose lease lapsed.
+
+Clocks. A session this process holds idles out on trio's clock. The store's
+wall-clock times carry only what other processes did: when the scanner finds
+a session idle-due here, the reconciler asks the store to end it unless a
+later use was written than the last one this process knows of
+(``unchanged_since``), so a wall-clock step can neither end it early nor keep
+it past its bound. When the clock steps, every session held here is marked
+for its activity to be rewritten in the new wall time at once.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import trio
@@ -25,14 +36,23 @@ import trio
 from . import _expiry
 from ._clock import RuntimeClock
 from ._errors import SessionGone, gone
+from ._instances import InstanceLease
 from ._lifecycle import Lifecycle
 from ._metrics import RuntimeMetrics
 from ._registry import Registry
 from ._requests import Requests
 from ._session import Session, SessionKind
-from ._settings import Settings
+from ._settings import LimitPolicy, Settings
 from ._state import SessionState, TerminationReason
-from ._store import LIVE, SessionRecord, SessionStore, StoreHealth, StoreUnavailable, Touch
+from ._store import (
+    LIVE,
+    Limits,
+    SessionRecord,
+    SessionStore,
+    StoreHealth,
+    StoreUnavailable,
+    Touch,
+)
 from ._sync import Task, _Base, _patch_here, record_of
 
 __all__ = ["ActivityWriter", "DurableSync"]
@@ -53,10 +73,13 @@ class _Stored:
         "epoch",
         "flushed_errors",
         "flushed_requests",
+        "known_active",
         "ready_written",
     )
 
-    def __init__(self, *, requests: int = 0, errors: int = 0, ready: bool = True) -> None:
+    def __init__(
+        self, *, requests: int = 0, errors: int = 0, ready: bool = True, known_active: float = 0.0
+    ) -> None:
         #: Set while one caller writes a close; the others wait for it.
         self.closing: trio.Event | None = None
         #: Set while the record is being inserted; patches wait for it.
@@ -76,6 +99,9 @@ class _Stored:
         self.flushed_errors = errors
         #: Its record is past ``initializing``.
         self.ready_written = ready
+        #: The latest ``last_active`` this process wrote or read for it: a later
+        #: one in the store is someone else's use.
+        self.known_active = known_active
 
 
 def _stored(session: Session) -> _Stored | None:
@@ -106,10 +132,30 @@ class ActivityWriter:
         self._dirty: dict[Session, None] = {}  # activity not yet written (ordered set)
         self._unready: dict[Session, None] = {}  # "ready" not yet written
         self._wake = trio.Event()
+        #: When the flusher writes next: a touch interval after the last write,
+        #: sooner when a dirty session's idle timeout needs it sooner.
+        self._next_touch = float("inf")
 
     def activity(self, session: Session) -> None:
-        if session._sync is not None and session.live:
-            self._dirty[session] = None
+        if session._sync is None or not session.live or session in self._dirty:
+            return
+        self._dirty[session] = None
+        quarter = session.idle_timeout * 0.25
+        if quarter < self._interval:
+            # A short idle timeout: its allowance is a quarter of it, so its use
+            # must be written within that (see mcp_sessions._expiry).
+            due = trio.current_time() + quarter
+            if due < self._next_touch:
+                self._next_touch = due
+                self._wake.set()
+
+    def rewrite_all(self, sessions: Iterable[Session]) -> None:
+        """Write the activity of all these sessions now (the wall clock stepped)."""
+        for session in sessions:
+            if session._sync is not None and session.live:
+                self._dirty[session] = None
+        self._next_touch = trio.current_time()
+        self._wake.set()
 
     def ready(self, session: Session) -> None:
         st = _stored(session)
@@ -143,6 +189,7 @@ class ActivityWriter:
             requests - st.flushed_requests,
             session.errors - st.flushed_errors,
         )
+        st.known_active = max(st.known_active, touch.last_active)
         st.flushed_requests = requests
         st.flushed_errors = session.errors
         return touch
@@ -169,7 +216,7 @@ class ActivityWriter:
             return
         for s, _ in pairs:
             if s.in_flight and s.live:  # a long request keeps its session fresh in the store
-                self._dirty[s] = None
+                self.activity(s)
 
     async def _write_ready(self) -> None:
         for session in list(self._unready):
@@ -177,13 +224,15 @@ class ActivityWriter:
             if st is None or not session.live:
                 self._unready.pop(session, None)
                 continue
+            at = self._clock.wall()
             try:
-                await self._call(self._store.mark_ready(session.id, self._clock.wall()))
+                await self._call(self._store.mark_ready(session.id, at))
             except Exception as exc:
                 logger.warning("could not record session %s as ready (will retry): %s",
                                session.id, exc, extra={"session_id": session.id})  # fmt: skip
                 return
             st.ready_written = True
+            st.known_active = max(st.known_active, at)
             self._unready.pop(session, None)
 
     async def flush(self) -> None:
@@ -192,17 +241,18 @@ class ActivityWriter:
             await self._flush_touches()
 
     async def run(self) -> None:
-        """The flusher task: touches once per interval, "ready" marks at once."""
+        """The flusher task: touches once per interval (sooner for short idle timeouts),
+        "ready" marks at once."""
         interval = self._interval
-        next_touch = trio.current_time() + interval
+        self._next_touch = min(self._next_touch, trio.current_time() + interval)
         while True:
-            with trio.move_on_at(next_touch):
+            with trio.move_on_at(self._next_touch):
                 await self._wake.wait()
             self._wake = trio.Event()
             if self._unready:
                 await self._write_ready()
-            if trio.current_time() >= next_touch:
-                next_touch = trio.current_time() + interval
+            if trio.current_time() >= self._next_touch:
+                self._next_touch = trio.current_time() + interval
                 if self._dirty:
                     await self._flush_touches()
 
@@ -229,12 +279,22 @@ class DurableSync(_Base):
         self._adopt = adopt
         self.durable = store.durable
         self.error: str | None = None
-        #: Idle expiry waits this much longer with a durable (so possibly
-        #: shared) store: use elsewhere may not be written yet.
+        #: Idle expiry waits up to this much longer with a durable (so possibly
+        #: shared) store: use elsewhere may not be written yet. The rule takes
+        #: at most a quarter of each session's idle timeout (see _expiry).
         self.idle_grace = settings.touch_interval if store.durable else 0.0
         self._activity = ActivityWriter(store, clock, settings.touch_interval, self._call)
         self._expiring: dict[Session, None] = {}  # due here; the store must confirm (in order)
         self._wake_reconciler = trio.Event()
+        self.instance = InstanceLease(
+            store,
+            clock,
+            settings.instance_lease,
+            call=self._call,
+            reaped=self._reaped,
+            lost=self._check_connections,
+        )
+        clock.on_step(self._clock_stepped)
 
     @property
     def store(self) -> SessionStore:
@@ -242,15 +302,62 @@ class DurableSync(_Base):
 
     async def open(self) -> None:
         await self._store.open()
+        try:
+            await self.instance.register()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._store.aclose()
+            raise
 
     async def aclose(self) -> None:
-        await self._store.aclose()
+        try:
+            with trio.move_on_after(self._settings.teardown_timeout):
+                await self.instance.remove()
+        except Exception as exc:
+            logger.warning("could not remove this instance from the store: %s", exc)
+        finally:
+            await self._store.aclose()
 
     def tasks(self) -> Sequence[Task]:
         return (
             ("mcp_sessions.store.flusher", self._activity.run),
             ("mcp_sessions.store.reconciler", self._reconciler),
             ("mcp_sessions.store.sweeper", self._sweeper),
+            ("mcp_sessions.store.lease", self.instance.run),
+        )
+
+    def _clock_stepped(self, step: float) -> None:
+        # Our sessions' last use, written in the new wall time, before anyone
+        # (this process's sweeper included) judges them by their old times.
+        self._activity.rewrite_all(self._registry)
+
+    def _reaped(self, session_ids: list[str]) -> None:
+        for session_id in session_ids:
+            session = self._registry.get(session_id)
+            if session is not None and session.live:
+                self._ended_elsewhere(session, TerminationReason.DISCONNECTED)
+
+    async def _check_connections(self) -> None:
+        """Our record was reaped: end here the connection sessions that ended there."""
+        for session in list(self._registry):
+            if session.kind is not SessionKind.CONNECTION or not session.live:
+                continue
+            record = await self._call(self._store.load(session.id))
+            if (record is None or not record.live) and session.live:
+                reason = record.termination_reason if record is not None else None
+                self._ended_elsewhere(session, reason or TerminationReason.DISCONNECTED)
+
+    def _limits(self, now: float) -> Limits:
+        settings = self._settings
+        evict = settings.limit_policy is LimitPolicy.EVICT_IDLE
+        return Limits(
+            max_sessions=settings.max_sessions,
+            max_per_principal=settings.max_sessions_per_principal,
+            now=now,
+            grace=self.idle_grace,
+            # Not one written active in the last two touch intervals: such a
+            # session may be busy in some process.
+            evict_before=now - 2 * settings.touch_interval if evict else None,
         )
 
     async def _call(self, op: Awaitable[_T]) -> _T:
@@ -265,13 +372,17 @@ class DurableSync(_Base):
     # -- opening ---------------------------------------------------------------------
 
     async def created(self, session: Session, *, ready: bool) -> None:
-        record = record_of(session, self._clock, ready=ready)
+        instance = self.instance.id if session.kind is SessionKind.CONNECTION else None
+        record = record_of(session, self._clock, ready=ready, instance=instance)
         # From here the record carries no later patch: patches wait for the
         # insert, then go to the store.
-        st = session._sync = _Stored(ready=ready)
+        st = session._sync = _Stored(ready=ready, known_active=record.last_active)
         creating = st.creating = trio.Event()
         try:
-            await self._call(self._store.create(record))
+            # The store counts every process's sessions, atomically with the insert.
+            evicted = await self._call(
+                self._store.create(record, limits=self._limits(self._clock.wall()))
+            )
         except BaseException:
             session._sync = None
             raise
@@ -291,6 +402,12 @@ class DurableSync(_Base):
             st.end_written = True
             return
         st.epoch = self._store.change_epoch()
+        for victim_id in evicted:
+            victim = self._registry.get(victim_id)
+            if victim is not None and victim.live:
+                logger.info("evicted longest-idle session %s to admit a new one", victim_id,
+                            extra={"session_id": victim_id})  # fmt: skip
+                self._ended_elsewhere(victim, TerminationReason.EVICTED)
 
     def ready(self, session: Session) -> None:
         self._activity.ready(session)
@@ -393,13 +510,20 @@ class DurableSync(_Base):
 
     def adopted(self, session: Session, record: SessionRecord) -> None:
         """Take a session the supervisor brought in from ``record``."""
-        session._sync = _Stored(requests=record.requests, errors=record.errors)
+        session._sync = _Stored(
+            requests=record.requests, errors=record.errors, known_active=record.last_active
+        )
         session._doc, session._version = dict(record.doc), record.version
 
     def _take_in(self, session: Session, record: SessionRecord) -> None:
         """What other processes did: a newer document, later activity."""
         if record.doc_loaded and record.version > session._version:
             session._doc, session._version = dict(record.doc), record.version
+        st = _stored(session)
+        if st is not None:
+            if record.last_active <= st.known_active:
+                return  # no use but ours (whatever the wall clock did since)
+            st.known_active = record.last_active
         elsewhere = min(self._clock.trio_at(record.last_active), trio.current_time())
         Requests.saw_activity(session, elsewhere)
         self._lifecycle.used_elsewhere(session, elsewhere)
@@ -423,13 +547,15 @@ class DurableSync(_Base):
             st = _stored(session)
             if st is None:  # the insert failed; the session is ending
                 raise gone(session.id, session.reason or TerminationReason.ERROR)
+        max_bytes = self._settings.max_state_bytes
         if st is None:
             # Not recorded yet (its setup hook is running): the record will carry it.
-            return _patch_here(session, patch, if_version)
+            return _patch_here(session, patch, if_version, max_bytes)
+        at = self._clock.wall()
         try:
             version, doc = await self._call(
                 self._store.patch_state(
-                    session.id, patch, if_version=if_version, at=self._clock.wall()
+                    session.id, patch, if_version=if_version, at=at, max_bytes=max_bytes
                 )
             )
         except SessionGone as exc:
@@ -442,6 +568,7 @@ class DurableSync(_Base):
             st.epoch = None
             st.doubts += 1
             raise
+        st.known_active = max(st.known_active, at)
         if version > session._version:
             session._doc, session._version = doc, version
         return version
@@ -537,9 +664,17 @@ class DurableSync(_Base):
         st = _stored(session)
         assert st is not None
         store = self._store
+        # Idle here by trio's clock: the store ends it unless someone else's later
+        # use was written (a wall-clock comparison alone would trust a stepped clock).
+        unchanged_since = st.known_active if local is TerminationReason.IDLE_TIMEOUT else None
         try:
             reason = await self._call(
-                store.expire(session.id, self._clock.wall(), grace=self.idle_grace)
+                store.expire(
+                    session.id,
+                    self._clock.wall(),
+                    grace=self.idle_grace,
+                    unchanged_since=unchanged_since,
+                )
             )
             if reason is None:
                 record = await self._call(store.load(session.id))
@@ -563,13 +698,17 @@ class DurableSync(_Base):
 
     async def _sweeper(self) -> None:
         """End stored sessions whose deadline passed (opened anywhere); purge old records."""
-        store = self._store
+        store, interval = self._store, self._settings.sweep_interval
         while True:
-            await trio.sleep(self._settings.sweep_interval)
+            await trio.sleep(interval)
             try:
+                self._clock.check_step()  # a step rewrites our sessions' use first
                 await self._activity.flush()  # our own recent use first
                 now = self._clock.wall()
-                ended = await self._call(store.sweep(now, grace=self.idle_grace))
+                # One process sweeps per interval: the holder of the sweep lease.
+                ended = await self._call(
+                    store.sweep(now, grace=self.idle_grace, holder=self.instance.id, lease=interval)
+                )
                 for session_id, reason in ended:
                     session = self._registry.get(session_id)
                     if session is not None and session.live:

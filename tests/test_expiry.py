@@ -18,7 +18,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from mcp_sessions._expiry import DUE_SQL, REASON_SQL, due, next_deadline
+from mcp_sessions._expiry import DUE_SQL, REASON_SQL, due, due_params, next_deadline
 from mcp_sessions._state import TerminationReason as R
 from mcp_sessions._store import SessionRecord
 
@@ -53,16 +53,25 @@ def test_a_session_that_is_not_idle_cannot_idle_out() -> None:
 
 
 def test_grace_widens_only_the_idle_bound() -> None:
-    kw: dict[str, Any] = {"expires_at": T0 + 100, "idle_since": T0, "idle_timeout": 10, "grace": 5}
-    assert due(T0 + 14, **kw) is None
-    assert due(T0 + 15, **kw) is R.IDLE_TIMEOUT
+    kw: dict[str, Any] = {"expires_at": T0 + 100, "idle_since": T0, "idle_timeout": 40, "grace": 5}
+    assert due(T0 + 44, **kw) is None
+    assert due(T0 + 45, **kw) is R.IDLE_TIMEOUT
     assert due(T0 + 100, **kw | {"idle_since": T0 + 99}) is R.LIFETIME_EXCEEDED
+
+
+def test_grace_is_at_most_a_quarter_of_the_idle_timeout() -> None:
+    # A one-second idle timeout gets a quarter second, whatever the touch interval.
+    kw: dict[str, Any] = {"expires_at": T0 + 100, "idle_since": T0, "idle_timeout": 1, "grace": 5}
+    assert due(T0 + 1.24, **kw) is None
+    assert due(T0 + 1.25, **kw) is R.IDLE_TIMEOUT
+    assert next_deadline(**kw) == T0 + 1.25
 
 
 def test_next_deadline() -> None:
     assert next_deadline(expires_at=T0 + 100, idle_since=None, idle_timeout=10) == T0 + 100
     assert next_deadline(expires_at=T0 + 100, idle_since=T0, idle_timeout=10) == T0 + 10
-    assert next_deadline(expires_at=T0 + 100, idle_since=T0, idle_timeout=10, grace=5) == T0 + 15
+    assert next_deadline(expires_at=T0 + 100, idle_since=T0, idle_timeout=40, grace=5) == T0 + 45
+    assert next_deadline(expires_at=T0 + 100, idle_since=T0, idle_timeout=10, grace=5) == T0 + 12.5
     assert next_deadline(expires_at=T0 + 12, idle_since=T0, idle_timeout=10, grace=5) == T0 + 12
 
 
@@ -139,7 +148,13 @@ def rows(draw: st.DrawFn, now: float, grace: float) -> tuple[str, float, float, 
     state = draw(st.sampled_from(STATES))
     idle_timeout = draw(spans)
     expires_at = draw(st.one_of(millis, st.just(now)))
-    last_active = draw(st.one_of(millis, st.just((now - grace) - idle_timeout)))
+    last_active = draw(
+        st.one_of(
+            millis,
+            st.just((now - grace) - idle_timeout),
+            st.just(now - idle_timeout * 1.25),
+        )
+    )
     return state, expires_at, last_active, idle_timeout
 
 
@@ -181,7 +196,8 @@ def sqlite_answers(
         "last_active DOUBLE PRECISION, idle_timeout DOUBLE PRECISION)"
     )
     conn.executemany("INSERT INTO sessions VALUES (?, ?, ?, ?)", table)
-    got = conn.execute(select_sql("?") + " ORDER BY rowid", (now, now - grace, now)).fetchall()
+    params = (*due_params(now, grace), now)
+    got = conn.execute(select_sql("?") + " ORDER BY rowid", params).fetchall()
     return [(bool(d), str(r)) for d, r in got]
 
 
@@ -248,8 +264,10 @@ BOUNDARIES = [
     # (row, now, grace, expected reason)
     (("idle", T0 + 100, T0, 10.0), T0 + 10, 0.0, "idle_timeout"),
     (("idle", T0 + 100, T0, 10.0), T0 + 9.5, 0.0, None),
-    (("idle", T0 + 100, T0, 10.0), T0 + 15.25, 5.25, "idle_timeout"),
-    (("idle", T0 + 100, T0, 10.0), T0 + 15, 5.25, None),
+    (("idle", T0 + 100, T0, 40.0), T0 + 45.25, 5.25, "idle_timeout"),
+    (("idle", T0 + 100, T0, 40.0), T0 + 45, 5.25, None),
+    (("idle", T0 + 100, T0, 10.0), T0 + 12.5, 5.25, "idle_timeout"),
+    (("idle", T0 + 100, T0, 10.0), T0 + 12.25, 5.25, None),
     (("idle", T0 + 100, T0, 10.0), T0 + 100, 0.0, "lifetime_exceeded"),
     (("idle", T0 + 100, T0, 10.0), T0 + 99.875, 0.0, "idle_timeout"),
     (("initializing", T0 + 100, T0, 10.0), T0 + 99.875, 0.0, None),
@@ -295,8 +313,8 @@ def pg_answers(
         )
         + " ORDER BY n"
     )
-    # Placeholders in order: the rule's (now, now - grace, now), then the rows'.
-    got = conn.execute(sql, [now, now - grace, now, *flat]).fetchall()
+    # Placeholders in order: the rule's, the reason's (now), then the rows'.
+    got = conn.execute(sql, [*due_params(now, grace), now, *flat]).fetchall()
     return [(bool(d), str(r)) for d, r in got]
 
 

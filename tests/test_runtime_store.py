@@ -57,9 +57,9 @@ class DurableMemoryStore(MemoryStore):
         if write:
             self.writes[op] = self.writes.get(op, 0) + 1
 
-    async def create(self, record: Any) -> None:
+    async def create(self, record: Any, **kwargs: Any) -> list[str]:
         self._check("create")
-        await super().create(record)
+        return await super().create(record, **kwargs)
 
     async def load_by_hash(self, handle_hash: str, **kwargs: Any) -> Any:
         self._check("load_by_hash", write=False)
@@ -366,9 +366,9 @@ class SlowStore(DurableMemoryStore):
         await self._slow("expire")
         return await super().expire(*args, **kwargs)
 
-    async def create(self, record: Any) -> None:
+    async def create(self, record: Any, **kwargs: Any) -> list[str]:
         await self._slow("create")
-        await super().create(record)
+        return await super().create(record, **kwargs)
 
 
 async def test_own_unwritten_use_keeps_a_session_from_expiring_at_resolve(
@@ -503,9 +503,9 @@ async def test_session_created_during_shutdown_is_refused_and_not_left_live(
     store = SlowStore()
 
     class SlowCreate(SlowStore):
-        async def create(self, record: Any) -> None:
+        async def create(self, record: Any, **kwargs: Any) -> list[str]:
             await trio.sleep(1)
-            await super().create(record)
+            return await super().create(record, **kwargs)
 
     store = SlowCreate()
     outcome: dict[str, Any] = {}

@@ -33,8 +33,8 @@ from mcp_sessions._store_url import redact_url, store_from_url
 PG_DSN = os.environ.get("MCP_SESSIONS_TEST_PG_DSN")
 PG_SKIP = "set MCP_SESSIONS_TEST_PG_DSN to run PostgreSQL store tests"
 #: The schema version a fresh store has, and the migrations that got it there.
-LATEST = 2
-MIGRATED = [(1,), (2,)]
+LATEST = 3
+MIGRATED = [(1,), (2,), (3,)]
 T0 = 1_700_000_000.0
 
 MakeStore = Callable[[], Awaitable[SessionStore]]
@@ -299,14 +299,18 @@ async def test_expire_prefers_lifetime_when_both_due(store: SessionStore) -> Non
 
 
 async def test_grace_widens_the_idle_bound_only(store: SessionStore) -> None:
-    await store.create(record("idle", idle_timeout=10, lifetime=100))
+    await store.create(record("idle", idle_timeout=40, lifetime=100))
     await store.create(record("old", idle_timeout=1000, lifetime=100))
-    await store.create(record("swept", idle_timeout=10, lifetime=100))
-    assert await store.expire("idle", T0 + 14, grace=5) is None
-    assert await store.expire("idle", T0 + 15, grace=5) is R.IDLE_TIMEOUT
+    await store.create(record("swept", idle_timeout=40, lifetime=100))
+    await store.create(record("short", idle_timeout=2, lifetime=100))
+    assert await store.expire("idle", T0 + 44, grace=5) is None
+    assert await store.expire("idle", T0 + 45, grace=5) is R.IDLE_TIMEOUT
     assert await store.expire("old", T0 + 100, grace=5) is R.LIFETIME_EXCEEDED
-    assert await store.sweep(T0 + 14, grace=5) == []
-    assert await store.sweep(T0 + 15, grace=5) == [("swept", R.IDLE_TIMEOUT)]
+    # The allowance is min(grace, idle_timeout / 4): half a second for a 2 s timeout.
+    assert await store.sweep(T0 + 2.25, grace=5) == []
+    assert await store.sweep(T0 + 2.5, grace=5) == [("short", R.IDLE_TIMEOUT)]
+    assert await store.sweep(T0 + 44, grace=5) == []
+    assert await store.sweep(T0 + 45, grace=5) == [("swept", R.IDLE_TIMEOUT)]
 
 
 async def test_touch_moves_idle_deadline(store: SessionStore) -> None:
@@ -764,11 +768,16 @@ async def test_upgrade_from_schema_1_keeps_data(shared: Backend) -> None:
     await store.create(record("s", doc={"k": "v"}))
     await shared.close_all()
     # Take the database back to what version 1 of the schema left.
+    for index in ("sessions_live_principal", "sessions_live_instance", "sessions_kind_state"):
+        shared.raw(f"DROP INDEX {index}")
+    shared.raw("ALTER TABLE sessions DROP COLUMN instance")
+    shared.raw("DROP TABLE instances")
+    shared.raw("DROP TABLE leases")
     if shared.name == "sqlite":
         for event in ("insert", "update", "delete"):
             shared.raw(f"DROP TRIGGER sessions_{event}_bumps_generation")
         shared.raw("DROP TABLE store_generation")
-    shared.raw("DELETE FROM schema_version WHERE version = 2")
+    shared.raw("DELETE FROM schema_version WHERE version >= 2")
     again = await shared.make()
     assert shared.raw("SELECT version FROM schema_version ORDER BY version") == MIGRATED
     got = await again.load("s")
