@@ -94,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--touch-interval", type=float, default=_env("TOUCH_INTERVAL"),
         help="seconds between coalesced activity writes to the store; idle expiry with a "
              "shared store allows this much grace (default 5)")  # fmt: skip
+    opt("--sweep-interval", type=float, default=_env("SWEEP_INTERVAL"),
+        help="seconds between sweeps of the store for sessions whose deadline passed; one "
+             "process sweeps per interval (default 60)")  # fmt: skip
+    opt("--instance-lease", type=float, default=_env("INSTANCE_LEASE"),
+        help="seconds within which the connection sessions of a server process that died "
+             "are ended by the others sharing the store (default 30)")  # fmt: skip
+    opt("--max-state-bytes", type=int, default=_env("MAX_STATE_BYTES"),
+        help="largest session state document in bytes of JSON (default 1048576)")  # fmt: skip
+    opt("--max-metadata-bytes", type=int, default=_env("MAX_METADATA_BYTES"),
+        help="largest session metadata in bytes of JSON (default 65536)")  # fmt: skip
     opt("--shutdown-grace", type=float, default=_env("SHUTDOWN_GRACE"),
         help="seconds in-flight requests get at shutdown (default 10)")  # fmt: skip
     opt("--max-message-size", type=int, default=_env("MAX_MESSAGE_SIZE"),
@@ -144,6 +154,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "cleanup_interval": (args.cleanup_interval, float),
         "shutdown_grace": (args.shutdown_grace, float),
         "touch_interval": (args.touch_interval, float),
+        "sweep_interval": (args.sweep_interval, float),
+        "instance_lease": (args.instance_lease, float),
+        "max_state_bytes": (args.max_state_bytes, int),
+        "max_metadata_bytes": (args.max_metadata_bytes, int),
     }
     data: dict[str, Any] = {}
     problems: list[str] = []
