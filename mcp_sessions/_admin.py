@@ -1,4 +1,4 @@
-"""Operator commands on a store: ``mcp-sessions status`` and ``mcp-sessions sessions``.
+"""Operator commands on a store: ``mcp-sessions status``, ``check`` and ``sessions``.
 
 These talk to the store directly, not to a running server: they work whether
 or not any server is up, and every server sharing the store sees the result
@@ -18,19 +18,23 @@ from typing import Any
 import trio
 
 from ._state import TerminationReason
-from ._store import SessionRecord, SessionStore, StoreError, StoreUnavailable
+from ._store import InstanceRecord, SessionRecord, SessionStore, StoreError, StoreUnavailable
 from ._store_url import redact_url, store_from_url
 
 __all__ = ["run_admin"]
 
 
 def run_admin(args: argparse.Namespace, url: str) -> int:
-    """Run ``status`` or ``sessions list|close``; return the exit code."""
+    """Run ``status``, ``check`` or ``sessions list|close``; return the exit code."""
     try:
         store = store_from_url(url)
     except ValueError as exc:
         print(f"mcp-sessions: {exc}", file=sys.stderr)
         return 2
+    if args.command == "check" and _missing_sqlite_file(store):
+        # Opening would create an empty database, and checking it would say "ok".
+        print(f"mcp-sessions: store {redact_url(url)}: no database file there", file=sys.stderr)
+        return 1
     try:
         return trio.run(_main, args, store, url)
     except (StoreError, StoreUnavailable) as exc:
@@ -43,6 +47,8 @@ async def _main(args: argparse.Namespace, store: SessionStore, url: str) -> int:
     try:
         if args.command == "status":
             return await _status(args, store, url)
+        if args.command == "check":
+            return await _check(args, store, url)
         if args.action == "list":
             return await _list(args, store)
         return await _close(args, store)
@@ -54,6 +60,8 @@ async def _status(args: argparse.Namespace, store: SessionStore, url: str) -> in
     counts = await store.counts()
     recent = await store.list_recent(10)
     health = await store.health()
+    instances = await store.list_instances()
+    now = time.time()
     by_state: dict[str, int] = {}
     by_kind: dict[str, int] = {}
     for (state, kind), n in counts.items():
@@ -69,6 +77,7 @@ async def _status(args: argparse.Namespace, store: SessionStore, url: str) -> in
         "sessions_by_state_and_kind": {f"{s}/{k}": n for (s, k), n in sorted(counts.items())},
         "requests_total": sum(r.requests for r in recent),
         "most_recently_active": [_summary(r) for r in recent],
+        "instances": [_instance_summary(i, now) for i in instances],
     }
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
@@ -81,7 +90,40 @@ async def _status(args: argparse.Namespace, store: SessionStore, url: str) -> in
         print("  " + _line(r))
     if not recent:
         print("  (none)")
+    print("instances:")
+    for i in instances:
+        print("  " + _instance_line(i, now))
+    if not instances:
+        print("  (none)")
     return 0
+
+
+async def _check(args: argparse.Namespace, store: SessionStore, url: str) -> int:
+    problems = await store.check(time.time())
+    health = await store.health()
+    report = {
+        "store": redact_url(url),
+        "backend": health.backend,
+        "schema_version": health.schema_version,
+        "problems": problems,
+        "ok": not problems,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    elif problems:
+        for problem in problems:
+            print(" ".join(problem.splitlines()))  # one line each, whatever the data holds
+        print(f"mcp-sessions: {len(problems)} problem(s) in {report['store']}", file=sys.stderr)
+    else:
+        schema = f", schema v{health.schema_version}" if health.schema_version is not None else ""
+        print(f"ok: {report['store']} ({health.backend}{schema}): no problems")
+    return 1 if problems else 0
+
+
+def _missing_sqlite_file(store: SessionStore) -> bool:
+    from ._store_sqlite import SQLiteStore
+
+    return isinstance(store, SQLiteStore) and not store.path.exists()
 
 
 async def _list(args: argparse.Namespace, store: SessionStore) -> int:
@@ -124,6 +166,28 @@ def _summary(r: SessionRecord) -> dict[str, Any]:
         "errors": r.errors,
         "version": r.version,
     }
+
+
+def _instance_summary(i: InstanceRecord, now: float) -> dict[str, Any]:
+    return {
+        "id": i.id,
+        "host": i.host,
+        "pid": i.pid,
+        "version": i.version,
+        "started_at": _iso(i.started_at),
+        "heartbeat_at": _iso(i.heartbeat_at),
+        "lease_until": _iso(i.lease_until),
+        "lapsed": i.lapsed(now),
+    }
+
+
+def _instance_line(i: InstanceRecord, now: float) -> str:
+    lapsed = " (lapsed)" if i.lapsed(now) else ""
+    return (
+        f"{i.id}  {i.host} pid {i.pid}  version {i.version or '-'}  "
+        f"started {_iso(i.started_at)}  heartbeat {_iso(i.heartbeat_at)}  "
+        f"lease until {_iso(i.lease_until)}{lapsed}"
+    )
 
 
 def _line(r: SessionRecord) -> str:

@@ -17,6 +17,11 @@ act, then decide again.
 
 The global limit is checked before the per-principal one, so an eviction
 under a full runtime may take another principal's idle session.
+
+With a store, the store counts (every process's sessions, atomically with the
+insert; see :class:`~mcp_sessions._store.Limits`) and ``counted_here`` is
+False: this process's registry may still hold copies of sessions ended
+elsewhere, and must not refuse on their account.
 """
 
 from __future__ import annotations
@@ -54,10 +59,19 @@ Decision = Admit | Evict | Reject
 _ADMIT = Admit()
 
 
-def decide(registry: Registry, settings: Settings, principal: str, *, admitting: bool) -> Decision:
+def decide(
+    registry: Registry,
+    settings: Settings,
+    principal: str,
+    *,
+    admitting: bool,
+    counted_here: bool = True,
+) -> Decision:
     """Whether a session of ``principal`` may be created now."""
     if not admitting:
         return Reject(ShuttingDown())
+    if not counted_here:
+        return _ADMIT
     if len(registry) >= settings.max_sessions:
         scope, limit, victim_of = "global", settings.max_sessions, None
     elif registry.count_for(principal) >= settings.max_sessions_per_principal:
@@ -68,17 +82,9 @@ def decide(registry: Registry, settings: Settings, principal: str, *, admitting:
         )
     else:
         return _ADMIT
-    if settings.limit_policy is LimitPolicy.EVICT_IDLE:
+    evicting = settings.limit_policy is LimitPolicy.EVICT_IDLE
+    if evicting:
         victim = registry.longest_idle(victim_of)
         if victim is not None:
             return Evict(victim)
-        detail = "and no session in that scope is idle to evict"
-    else:
-        detail = "close a session first"
-    return Reject(
-        LimitExceeded(
-            f"session limit reached for {scope}: {limit} live sessions; {detail}",
-            limit=limit,
-            scope=scope,
-        )
-    )
+    return Reject(LimitExceeded.at(scope, limit, evicting=evicting))

@@ -117,10 +117,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="log line format on stderr (default text)")  # fmt: skip
 
     status = commands.add_parser(
-        "status", help="sessions in a store by state and kind, the most recently active"
+        "status",
+        help="sessions in a store by state and kind, the most recently active, the server "
+        "instances and their leases",
     )
     status.add_argument("--store", default=_env("STORE"), help="store URL (as for serve)")
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    check = commands.add_parser(
+        "check",
+        help="check a store: integrity, schema version, undecodable rows, orphaned sessions "
+        "and lapsed instances",
+        description="Check a store without changing its data: the database's integrity "
+        "(SQLite), the schema version, rows that cannot be decoded, live sessions of server "
+        "instances that are gone, and instances whose lease lapsed. Prints one line per "
+        "problem and exits 1 when there is any, 0 when there is none.",
+    )
+    check.add_argument("--store", default=_env("STORE"), help="store URL (as for serve)")
+    check.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     sessions = commands.add_parser("sessions", help="list or close sessions in a store")
     sessions_commands = sessions.add_subparsers(dest="action", required=True)

@@ -14,7 +14,8 @@ died), so its live connection sessions end with ``disconnected`` and its
 record is forgotten. Comparing with our own previous renewal rather than with
 "now" is what keeps a sleeping laptop honest: when every process wakes at
 once with every lease lapsed, nobody's lease ended before anybody's previous
-renewal, so each renews before anyone reaps. A process killed right after a
+renewal, so each renews before anyone reaps (and the cutoff is never later
+than one interval ago, for a wall clock that stepped back). A process killed right after a
 renewal at ``t`` has its lease end at ``t + 5/8 L``; every live process
 renews within ``L/8`` after that and reaps on the renewal after, so its
 sessions end by ``t + 7/8 L``: within the lease ``L``.
@@ -97,6 +98,9 @@ class InstanceLease:
             await self._lost()
         before, self._renewed_at = self._renewed_at, now
         if before is not None:
+            # Never past one interval ago: after the wall clock stepped back, our
+            # previous renewal is "in the future" of leases renewed since.
+            before = min(before, now - self.interval)
             ended = await self._call(store.reap_instances(before, now))
             if ended:
                 logger.info("ended %d connection sessions of lapsed instances", len(ended))

@@ -170,6 +170,30 @@ class RowCodec:
                              self._backend, raw.get("id"), why)  # fmt: skip
         return found
 
+    def decode_session(self, row: Sequence[Any]) -> SessionRecord | str:
+        """The record a whole row of COLUMNS holds (document included), or why it holds none.
+
+        Logs nothing: for :meth:`~mcp_sessions._store.SessionStore.check`, which
+        reports what it finds.
+        """
+        raw = dict(zip(COLUMNS, row, strict=True))
+        try:
+            for column in JSON_COLUMNS:
+                raw[column] = self._json(raw[column], column)
+            return _converter.structure(raw, SessionRecord)
+        except Undecodable as exc:
+            return str(exc)
+        except cattrs.ClassValidationError as exc:
+            return "; ".join(cattrs.transform_error(exc, format_exception=_why))
+
+    def decode_instance(self, row: Sequence[Any]) -> InstanceRecord | str:
+        """The instance a row of INSTANCE_COLUMNS holds, or why it holds none (logs nothing)."""
+        raw = dict(zip(INSTANCE_COLUMNS, row, strict=True))
+        try:
+            return _converter.structure(raw, InstanceRecord)
+        except cattrs.ClassValidationError as exc:
+            return "; ".join(cattrs.transform_error(exc, format_exception=_why))
+
     def instance_row(self, instance: InstanceRecord) -> list[Any]:
         plain = _converter.unstructure(instance)
         return [plain[c] for c in INSTANCE_COLUMNS]

@@ -22,7 +22,16 @@ from ._jsonmerge import patched
 from ._sql_codec import RowCodec, Undecodable
 from ._sql_statements import Statements
 from ._state import TerminationReason
-from ._store import TERMINATED, InstanceRecord, Limits, SessionRecord, Touch
+from ._store import (
+    TERMINATED,
+    InstanceRecord,
+    Limits,
+    SessionRecord,
+    Touch,
+    future_bound,
+    lapsed_instance_problem,
+    orphaned_session_problem,
+)
 
 __all__ = ["Operations", "to_reason"]
 
@@ -177,7 +186,8 @@ class Operations:
         new_doc = patched(doc, dict(patch), max_bytes)
         new_version = int(version) + 1
         cur.execute(
-            self._sql.patch_write, (self._codec.json_param(new_doc), new_version, at, session_id)
+            self._sql.patch_write,
+            (self._codec.json_param(new_doc), new_version, future_bound(at), at, at, session_id),
         )
         return new_version, new_doc
 
@@ -185,7 +195,10 @@ class Operations:
         # A stable order keeps two processes' batches from deadlocking on row locks.
         cur.executemany(
             self._sql.touch,
-            [(t.last_active, t.requests, t.errors, t.id) for t in sorted(touches, key=_by_id)],
+            [
+                (future_bound(t.now), t.last_active, t.last_active, t.requests, t.errors, t.id)
+                for t in sorted(touches, key=_by_id)
+            ],
         )
 
     def list_by_principal(
@@ -278,6 +291,58 @@ class Operations:
         row = _one(cur)
         return int(row[0]) if row is not None and row[0] is not None else 0
 
+    # -- check (read-only; what is wrong is reported, never raised) -----------------
+
+    def check_integrity(self, cur: Any) -> list[str]:
+        """The database's account of itself (SQLite's integrity_check), problems only."""
+        if not self._sql.integrity_check:
+            return []
+        cur.execute(self._sql.integrity_check)
+        return [f"integrity check: {r[0]}" for r in cur.fetchall() if str(r[0]) != "ok"]
+
+    def check_sessions(
+        self, cur: Any, *, after: tuple[Any] | None, limit: int
+    ) -> tuple[list[str], tuple[Any] | None]:
+        """Undecodable rows among the ``limit`` sessions next by id after ``after`` (a 1-tuple;
+        None: from the first), and where to go on (None when the scan reached the end)."""
+        if after is None:
+            cur.execute(self._sql.scan_sessions, (limit,))
+        else:
+            cur.execute(self._sql.scan_sessions_after, (after[0], limit))
+        rows = cur.fetchall()
+        problems = []
+        for row in rows:
+            why = self._codec.decode_session(row)
+            if isinstance(why, str):
+                problems.append(f"session row {row[0]}: undecodable ({why})")
+        return problems, ((rows[-1][0],) if len(rows) >= limit else None)
+
+    def check_instances(self, cur: Any, *, now: float) -> list[str]:
+        """Undecodable instance rows, then instances whose lease ended before ``now``, by id."""
+        cur.execute(self._sql.instances)
+        undecodable, lapsed = [], []
+        for row in sorted(cur.fetchall(), key=_by_first):
+            instance = self._codec.decode_instance(row)
+            if isinstance(instance, str):
+                undecodable.append(f"instance row {row[0]}: undecodable ({instance})")
+            elif instance.lease_until < now:
+                lapsed.append(lapsed_instance_problem(instance))
+        return undecodable + lapsed
+
+    def check_orphans(self, cur: Any, *, now: float) -> list[str]:
+        """Live sessions of an unknown instance or of one whose lease ended before ``now``."""
+        cur.execute(self._sql.orphaned_sessions, (now,))
+        return [
+            orphaned_session_problem(
+                str(session_id), str(kind), str(instance), None if until is None else float(until)
+            )
+            for session_id, kind, instance, until in sorted(cur.fetchall(), key=_by_first)
+        ]
+
 
 def _by_id(touch: Touch) -> str:
     return touch.id
+
+
+def _by_first(row: Sequence[Any]) -> str:
+    return str(row[0])

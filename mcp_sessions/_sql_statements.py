@@ -40,9 +40,9 @@ class Statements:
     expire_unchanged: str
     #: id -> state, reason, doc, version (row-locked where the dialect locks rows).
     patch_read: str
-    #: doc, version, at, id.
+    #: doc, version, future_bound(at), at, at, id.
     patch_write: str
-    #: last_active, requests, errors, id.
+    #: future_bound(now), last_active, last_active, requests, errors, id.
     touch: str
     #: principal -> rows of COLUMNS, live only, oldest first.
     list_live: str
@@ -88,6 +88,16 @@ class Statements:
     reap_sessions: str
     #: -> the newest schema version.
     schema_version: str
+    #: -> one row per problem the database finds in itself, or ``ok`` ("" where none is run).
+    integrity_check: str
+    #: limit -> whole rows of COLUMNS (the document too), by id: the first chunk of a scan.
+    scan_sessions: str
+    #: after, limit -> as :attr:`scan_sessions`, the chunk after id ``after``.
+    scan_sessions_after: str
+    #: now -> id, kind, instance, its lease_until (NULL when unknown) of live sessions
+    #: whose instance is unknown or lapsed before now (unordered: sorting would cost SQLite
+    #: a scan of every row instead of the partial index).
+    orphaned_sessions: str
 
     @classmethod
     def build(cls, d: Dialect) -> Statements:
@@ -98,6 +108,13 @@ class Statements:
             "CASE WHEN version = %s THEN NULL ELSE doc END" if c == "doc" else c for c in COLUMNS
         )
         select = f"SELECT {out} FROM sessions"
+        # _store.later_use: the later use, unless the stored one is in the writer's
+        # future (written before the wall clock stepped back). Parameters:
+        # _store.future_bound(now), used, used.
+        later = (
+            "CASE WHEN last_active > COALESCE(%s, last_active) THEN %s "
+            f"ELSE {g}(last_active, %s) END"
+        )
         return cls(
             insert=d.q(
                 f"INSERT INTO sessions ({cols}) VALUES ({', '.join(['%s'] * len(COLUMNS))})"
@@ -128,11 +145,10 @@ class Statements:
                 "SELECT state, reason, doc, version FROM sessions WHERE id = %s" + d.for_update
             ),
             patch_write=d.q(
-                f"UPDATE sessions SET doc = %s, version = %s, "
-                f"last_active = {g}(last_active, %s) WHERE id = %s"
+                f"UPDATE sessions SET doc = %s, version = %s, last_active = {later} WHERE id = %s"
             ),
             touch=d.q(
-                f"UPDATE sessions SET last_active = {g}(last_active, %s), "
+                f"UPDATE sessions SET last_active = {later}, "
                 f"requests = requests + %s, errors = errors + %s "
                 f"WHERE id = %s AND state <> '{TERMINATED}'"
             ),
@@ -202,4 +218,17 @@ class Statements:
                 f"WHERE instance = %s AND state <> '{TERMINATED}' RETURNING id"
             ),
             schema_version="SELECT MAX(version) FROM schema_version",
+            integrity_check="PRAGMA integrity_check" if d.name == "sqlite" else "",
+            # Keyset pagination on the primary key: each chunk is one index range scan.
+            scan_sessions=d.q(f"SELECT {cols} FROM sessions ORDER BY id LIMIT %s"),
+            scan_sessions_after=d.q(
+                f"SELECT {cols} FROM sessions WHERE id > %s ORDER BY id LIMIT %s"
+            ),
+            # Live sessions that name an instance: the sessions_live_instance index.
+            orphaned_sessions=d.q(
+                "SELECT s.id, s.kind, s.instance, i.lease_until FROM sessions s "
+                "LEFT JOIN instances i ON i.id = s.instance "
+                f"WHERE s.state <> '{TERMINATED}' AND s.instance IS NOT NULL "
+                "AND (i.id IS NULL OR i.lease_until < %s)"
+            ),
         )

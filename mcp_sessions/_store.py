@@ -54,6 +54,7 @@ absent.
 from __future__ import annotations
 
 import copy
+import datetime as _dt
 import time
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
@@ -169,13 +170,36 @@ class Touch:
     """Coalesced activity of one session since its last touch, written in batches.
 
     ``requests`` and ``errors`` are *increments* (several processes may serve
-    one session, so each adds what it saw); ``last_active`` only moves forward.
+    one session, so each adds what it saw); ``last_active`` only moves forward,
+    except past ``now`` (the writer's wall clock when it wrote): a stored time
+    later than that was written before the wall clock stepped back, and is
+    replaced (see :func:`later_use`).
     """
 
     id: str
     last_active: float
     requests: int = 0
     errors: int = 0
+    now: float | None = None
+
+
+#: How far in a writer's future a stored ``last_active`` may be before it counts
+#: as written before the wall clock stepped back (clocks of hosts differ a little).
+FUTURE_TOLERANCE = 5.0
+
+
+def future_bound(now: float | None) -> float | None:
+    """The latest plausible stored time for a writer whose wall clock reads ``now``."""
+    return None if now is None else now + FUTURE_TOLERANCE
+
+
+def later_use(stored: float, used: float, now: float | None) -> float:
+    """The ``last_active`` to keep: the later one, unless the stored one is in the
+    writer's future (the wall clock stepped back since it was written)."""
+    bound = future_bound(now)
+    if bound is not None and stored > bound:
+        return used
+    return max(stored, used)
 
 
 @attrs.frozen(kw_only=True)
@@ -399,6 +423,17 @@ class SessionStore(Protocol):
     async def health(self) -> StoreHealth:
         """Reachability and round-trip latency. Never raises."""
 
+    async def check(self, now: float) -> list[str]:
+        """Problems found in the store, one human-readable line each; empty when all is well.
+
+        Read-only. Looks at the database's own integrity where the backend
+        has a check for it (SQLite), the schema version, rows that cannot be
+        decoded, live sessions of an instance that is unknown or whose lease
+        ended before ``now`` (orphaned), and instances whose lease ended before
+        ``now``. Never raises for what it finds in the data; raises
+        :class:`StoreUnavailable` when the store cannot be read.
+        """
+
     def change_epoch(self) -> int | None:
         """A number that changes when records may have been written by anyone else.
 
@@ -604,7 +639,7 @@ class MemoryStore:
         doc = patched(dict(record.doc), dict(patch), max_bytes)
         version = record.version + 1
         self._records[session_id] = attrs.evolve(
-            record, doc=doc, version=version, last_active=max(record.last_active, at)
+            record, doc=doc, version=version, last_active=later_use(record.last_active, at, at)
         )
         return version, copy.deepcopy(doc)
 
@@ -740,11 +775,55 @@ class MemoryStore:
         self._count("health")
         return StoreHealth(backend=self.backend, ok=True, latency_s=time.perf_counter() - start)
 
+    async def check(self, now: float) -> list[str]:
+        await trio.lowlevel.checkpoint()
+        self._count("check")
+        problems = [
+            lapsed_instance_problem(i)
+            for i in sorted(self._instances.values(), key=lambda i: i.id)
+            if i.lease_until < now
+        ]
+        for r in sorted(self._records.values(), key=lambda r: r.id):
+            if not r.live or r.instance is None:
+                continue
+            owner = self._instances.get(r.instance)
+            if owner is None or owner.lease_until < now:
+                lease_until = owner.lease_until if owner is not None else None
+                problems.append(orphaned_session_problem(r.id, r.kind, r.instance, lease_until))
+        return problems
+
+
+def _iso(t: float) -> str:
+    return _dt.datetime.fromtimestamp(t, _dt.UTC).isoformat(timespec="seconds")
+
+
+def lapsed_instance_problem(instance: InstanceRecord) -> str:
+    """What :meth:`SessionStore.check` says of an instance whose lease lapsed."""
+    return (
+        f"instance {instance.id} ({instance.host}, pid {instance.pid}) "
+        f"lease lapsed at {_iso(instance.lease_until)}"
+    )
+
+
+def orphaned_session_problem(
+    session_id: str, kind: str, instance_id: str, lease_until: float | None
+) -> str:
+    """What :meth:`SessionStore.check` says of a live session whose instance is gone.
+
+    ``lease_until`` is None when no instance of that id is registered.
+    """
+    if lease_until is None:
+        return f"session {session_id} ({kind}) belongs to unknown instance {instance_id}"
+    return (
+        f"session {session_id} ({kind}) belongs to instance {instance_id} "
+        f"whose lease lapsed at {_iso(lease_until)}"
+    )
+
 
 def _apply_touch(record: SessionRecord, touch: Touch) -> SessionRecord:
     return attrs.evolve(
         record,
-        last_active=max(record.last_active, touch.last_active),
+        last_active=later_use(record.last_active, touch.last_active, touch.now),
         requests=record.requests + touch.requests,
         errors=record.errors + touch.errors,
     )

@@ -35,6 +35,7 @@ from ._errors import SessionError
 from ._sql_codec import RowCodec
 from ._sql_dialect import Dialect
 from ._sql_ops import Operations
+from ._sql_schema import LATEST_SCHEMA
 from ._sql_statements import Statements
 from ._sql_worker import COMMITTING, DONE, Counters, GroupCommit
 from ._state import TerminationReason
@@ -75,6 +76,8 @@ class SQLStoreBase:
     _where: str
     #: Names the admission lock where the dialect takes one (PostgreSQL: per schema).
     _lock_key = "mcp_sessions:admit"
+    #: Rows of ``sessions`` that :meth:`check` reads and decodes per operation.
+    check_chunk = 500
 
     def __init__(self) -> None:
         self._sql = Statements.build(self.dialect)
@@ -347,6 +350,29 @@ class SQLStoreBase:
 
     async def list_instances(self) -> list[InstanceRecord]:
         return await self._read("list_instances", self._ops.list_instances)
+
+    async def check(self, now: float) -> list[str]:
+        """See :meth:`SessionStore.check`. Each part is its own read, bounded by ``op_timeout``;
+        the sessions are decoded in chunks of :attr:`check_chunk` rows, by id."""
+        ops = self._ops
+        problems = await self._run("check_integrity", ops.check_integrity, write=False)
+        version = await self._run("check_schema", ops.schema_version, write=False)
+        if version != LATEST_SCHEMA:
+            problems.append(f"schema version {version}, this code expects {LATEST_SCHEMA}")
+            if version < LATEST_SCHEMA:
+                return problems  # the columns and tables the other parts read may be missing
+        after: tuple[Any] | None = None  # from the first; then where the last chunk ended
+        while True:
+            fn = partial(ops.check_sessions, after=after, limit=self.check_chunk)
+            found, after = await self._run("check_sessions", fn, write=False)
+            problems.extend(found)
+            if after is None:
+                break
+        fn_instances = partial(ops.check_instances, now=now)
+        problems.extend(await self._run("check_instances", fn_instances, write=False))
+        fn_orphans = partial(ops.check_orphans, now=now)
+        problems.extend(await self._run("check_orphans", fn_orphans, write=False))
+        return problems
 
     async def reap_instances(self, before: float, at: float) -> list[str]:
         lapsed = await self._read(

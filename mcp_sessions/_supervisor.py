@@ -453,6 +453,11 @@ class Supervisor:
         return self._sync.store
 
     @property
+    def instance_id(self) -> str | None:
+        """This runtime's instance in the store (its lease; see ``status``); None without one."""
+        return self._sync.instance_id
+
+    @property
     def store_error(self) -> str | None:
         """The last store failure this runtime saw, until a store call succeeds again."""
         return self._sync.error
@@ -548,7 +553,11 @@ class Supervisor:
     async def _admit(self, principal: str) -> None:
         while True:
             decision = _admission.decide(
-                self._registry, self.settings, principal, admitting=self._admitting
+                self._registry,
+                self.settings,
+                principal,
+                admitting=self._admitting,
+                counted_here=self._sync.store is None,
             )
             if isinstance(decision, _admission.Admit):
                 return

@@ -89,6 +89,10 @@ class StoreSync(Protocol):
     durable: bool
     #: The last store failure seen, until a store call succeeds again.
     error: str | None
+    @property
+    def instance_id(self) -> str | None:
+        """This process's instance in the store, if it registered one."""
+        ...
 
     @property
     def store(self) -> SessionStore | None: ...
@@ -189,6 +193,7 @@ class LocalSync(_Base):
 
     durable = False
     error: str | None = None
+    instance_id: str | None = None
 
     def __init__(
         self,

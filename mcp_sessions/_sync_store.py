@@ -183,11 +183,13 @@ class ActivityWriter:
         requests = session.requests + (session.in_flight if final else 0)
         # A final touch in flight may have credited requests still running.
         requests = max(requests, st.flushed_requests)
+        now = self._clock.wall()
         touch = Touch(
             session.id,
-            self._clock.wall_at(last),
+            now - (trio.current_time() - last),
             requests - st.flushed_requests,
             session.errors - st.flushed_errors,
+            now,
         )
         st.known_active = max(st.known_active, touch.last_active)
         st.flushed_requests = requests
@@ -300,6 +302,10 @@ class DurableSync(_Base):
     def store(self) -> SessionStore:
         return self._store
 
+    @property
+    def instance_id(self) -> str | None:
+        return self.instance.id
+
     async def open(self) -> None:
         await self._store.open()
         try:
@@ -327,8 +333,13 @@ class DurableSync(_Base):
         )
 
     def _clock_stepped(self, step: float) -> None:
-        # Our sessions' last use, written in the new wall time, before anyone
+        # What we know of the store's times moves with the wall clock, and our
+        # sessions' last use is written again in the new wall time, before anyone
         # (this process's sweeper included) judges them by their old times.
+        for session in self._registry:
+            st = _stored(session)
+            if st is not None:
+                st.known_active += step
         self._activity.rewrite_all(self._registry)
 
     def _reaped(self, session_ids: list[str]) -> None:
