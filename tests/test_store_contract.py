@@ -18,9 +18,18 @@ import attrs
 import pytest
 import trio
 
-from mcp_sessions._errors import SessionClosed, SessionExpired, SessionNotFound, VersionConflict
+from mcp_sessions._errors import (
+    LimitExceeded,
+    SessionClosed,
+    SessionExpired,
+    SessionNotFound,
+    StateTooLarge,
+    VersionConflict,
+)
 from mcp_sessions._state import TerminationReason as R
 from mcp_sessions._store import (
+    InstanceRecord,
+    Limits,
     MemoryStore,
     SchemaTooNew,
     SessionRecord,
@@ -911,3 +920,125 @@ async def test_change_epoch_moves_across_a_close_and_reopen(shared: Backend) -> 
     await b.patch_state("s", {"while": "closed"}, if_version=None, at=T0)
     await a.open()
     assert a.change_epoch() != before
+
+
+# -- many processes: limits, instances, sweeps, clocks ------------------------------
+
+
+def limits(**kw: Any) -> Limits:
+    base: dict[str, Any] = {"max_sessions": 100, "max_per_principal": 2, "now": T0 + 1}
+    return Limits(**(base | kw))
+
+
+async def test_create_counts_live_sessions_atomically_with_the_insert(store: SessionStore) -> None:
+    await store.create(record("a1"), limits=limits())
+    await store.create(record("a2"), limits=limits())
+    with pytest.raises(LimitExceeded) as info:
+        await store.create(record("a3"), limits=limits())
+    assert (info.value.limit, info.value.scope) == (2, "principal 'alice'")
+    assert await store.load("a3") is None  # nothing inserted
+    await store.create(record("b1", principal="bob"), limits=limits())
+    with pytest.raises(LimitExceeded) as info:
+        await store.create(record("c1", principal="carol"), limits=limits(max_sessions=3))
+    assert info.value.scope == "global"
+    # Ended and due sessions take no room.
+    await store.terminate("a1", R.CLOSED, T0 + 2)
+    await store.create(record("a4"), limits=limits(now=T0 + 2))
+    assert await store.create(record("a5"), limits=limits(now=T0 + 61)) == []  # a2, a4 idle out
+
+
+async def test_concurrent_creates_never_pass_the_limit(store: SessionStore) -> None:
+    refused = 0
+
+    async def open_one(i: int) -> None:
+        nonlocal refused
+        try:
+            await store.create(record(f"s{i}"), limits=limits(max_per_principal=5))
+        except LimitExceeded:
+            refused += 1
+
+    async with trio.open_nursery() as nursery:
+        for i in range(20):
+            nursery.start_soon(open_one, i)
+    assert refused == 15
+    assert len(await store.list_by_principal("alice")) == 5
+
+
+async def test_create_evicts_the_longest_idle_session_not_recently_active(
+    store: SessionStore,
+) -> None:
+    await store.create(record("old"))
+    await store.create(record("newer", created=T0 + 10))
+    evicting = limits(now=T0 + 30, evict_before=T0 + 20)
+    assert await store.create(record("new", created=T0 + 30), limits=evicting) == ["old"]
+    got = await store.load("old")
+    assert got is not None
+    assert (got.state, got.reason) == ("terminated", "evicted")
+    # Nothing idle long enough: refused, nothing ended.
+    with pytest.raises(LimitExceeded):
+        await store.create(record("newest"), limits=limits(now=T0 + 31, evict_before=T0 + 5))
+    assert [r.id for r in await store.list_by_principal("alice")] == ["newer", "new"]
+
+
+def instance(instance_id: str, renewed: float, lease: float = 10.0) -> InstanceRecord:
+    return InstanceRecord(
+        id=instance_id,
+        host="h",
+        pid=1,
+        started_at=T0,
+        heartbeat_at=renewed,
+        lease_until=renewed + lease,
+    )
+
+
+async def test_instances_renew_and_lapsed_ones_are_reaped(store: SessionStore) -> None:
+    await store.register_instance(instance("i_a", T0))
+    await store.register_instance(instance("i_b", T0))
+    await store.create(record("conn_a", kind="connection", handle_hash=None, instance="i_a"))
+    await store.create(record("conn_b", kind="connection", handle_hash=None, instance="i_b"))
+    await store.create(record("handle"))
+    assert (await store.load("conn_a")).instance == "i_a"  # type: ignore[union-attr]
+    assert await store.heartbeat("i_b", T0 + 8, T0 + 18) is True
+    assert await store.reap_instances(T0 + 10, T0 + 11) == []  # i_a's lease ends at T0+10
+    assert await store.reap_instances(T0 + 12, T0 + 12) == ["conn_a"]
+    assert [i.id for i in await store.list_instances()] == ["i_b"]
+    got = await store.load("conn_a")
+    assert got is not None
+    assert (got.state, got.reason) == ("terminated", "disconnected")
+    assert (await store.load("handle")).live  # type: ignore[union-attr]
+    assert (await store.load("conn_b")).live  # type: ignore[union-attr]
+    assert await store.heartbeat("i_a", T0 + 13, T0 + 23) is False  # it was reaped
+    await store.remove_instance("i_b")
+    assert await store.list_instances() == []
+
+
+async def test_only_the_sweep_lease_holder_sweeps(store: SessionStore) -> None:
+    await store.create(record("s1", idle_timeout=10))
+    await store.create(record("s2", idle_timeout=20))
+    assert await store.sweep(T0 + 11, holder="i_a", lease=60) == [("s1", R.IDLE_TIMEOUT)]
+    assert await store.sweep(T0 + 21, holder="i_b", lease=60) == []  # i_a holds it
+    assert await store.sweep(T0 + 22, holder="i_a", lease=60) == [("s2", R.IDLE_TIMEOUT)]
+    await store.create(record("s3", idle_timeout=10, created=T0 + 80))
+    assert await store.sweep(T0 + 95, holder="i_b", lease=60) == [("s3", R.IDLE_TIMEOUT)]
+
+
+async def test_a_stored_time_in_the_writers_future_is_replaced(store: SessionStore) -> None:
+    # Written before the wall clock stepped back an hour: "last active" is in the future.
+    await store.create(record("s", created=T0 + 3600))
+    await store.touch([Touch("s", last_active=T0 + 10, now=T0 + 10)])
+    assert (await store.load("s")).last_active == T0 + 10  # type: ignore[union-attr]
+    await store.touch([Touch("s", last_active=T0 + 5, now=T0 + 12)])  # later stays
+    assert (await store.load("s")).last_active == T0 + 10  # type: ignore[union-attr]
+    await store.touch([Touch("s", last_active=T0 + 11, now=T0 + 9)])  # small skew: no reset
+    assert (await store.load("s")).last_active == T0 + 11  # type: ignore[union-attr]
+
+
+async def test_a_patch_past_max_bytes_writes_nothing(store: SessionStore) -> None:
+    await store.create(record("s"))
+    await store.patch_state("s", {"a": "x" * 10}, if_version=None, at=T0, max_bytes=30)
+    with pytest.raises(StateTooLarge) as info:
+        await store.patch_state("s", {"b": "y" * 10}, if_version=None, at=T0, max_bytes=30)
+    assert info.value.limit == 30
+    got = await store.load("s")
+    assert got is not None
+    assert (got.version, got.doc) == (1, {"a": "x" * 10})
