@@ -8,7 +8,7 @@ Theory of operation
     Supervisor.run()  (the supervisor nursery)
        |- scanner              pops due keys from the deadline schedule, asks the expiry rule
        |- observer dispatcher  delivers TransitionEvents in order (only with observers)
-       |- store tasks          flusher, reconciler, sweeper (only with a store)
+       |- store tasks          flusher, reconciler, sweeper, instance lease (with a store)
        '- one task per session, holding that session's nursery
              '- the session's background work (Session.start_soon)
 
