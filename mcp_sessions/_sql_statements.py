@@ -162,10 +162,14 @@ class Statements:
             list_recent=d.q(f"SELECT {cols} FROM sessions ORDER BY last_active DESC, id LIMIT %s"),
             counts="SELECT state, kind, COUNT(*) FROM sessions GROUP BY state, kind",
             # Two range scans, one per deadline index; each half is its own
-            # subquery so its LIMIT bounds its scan.
+            # subquery so its LIMIT bounds its scan, ordered by its index's key so
+            # that no planner (PostgreSQL without statistics, say) prefers a
+            # sequential scan, and the most overdue sessions go first.
             sweep_find=d.q(
-                f"SELECT id FROM (SELECT id FROM sessions WHERE {LIFETIME_DUE_SQL} LIMIT %s) AS a "
-                f"UNION SELECT id FROM (SELECT id FROM sessions WHERE {IDLE_DUE_SQL} LIMIT %s) AS b"
+                f"SELECT id FROM (SELECT id FROM sessions WHERE {LIFETIME_DUE_SQL} "
+                "ORDER BY expires_at LIMIT %s) AS a "
+                f"UNION SELECT id FROM (SELECT id FROM sessions WHERE {IDLE_DUE_SQL} "
+                "ORDER BY last_active + idle_timeout LIMIT %s) AS b"
             ),
             sweep_end=d.q(
                 f"UPDATE sessions SET state = '{TERMINATED}', reason = {REASON_SQL}, "
