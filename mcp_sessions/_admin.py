@@ -4,6 +4,13 @@ These talk to the store directly, not to a running server: they work whether
 or not any server is up, and every server sharing the store sees the result
 (a session closed here is ``session_closed`` there on its next use). They
 print to stdout: they are not the stdio server.
+
+``check`` changes nothing, not even the schema: it opens a SQL store without
+migrating it (``open(migrate=False)``), so an older schema is reported as a
+problem rather than upgraded, and a missing database, schema or table is not
+created. ``status`` and ``sessions`` open the store as a server does, which
+brings an older schema up to date (and creates an empty store where there was
+none).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import trio
 
 from ._state import TerminationReason
 from ._store import InstanceRecord, SessionRecord, SessionStore, StoreError, StoreUnavailable
+from ._store_sql import SQLStoreBase
 from ._store_url import redact_url, store_from_url
 
 __all__ = ["run_admin"]
@@ -43,7 +51,10 @@ def run_admin(args: argparse.Namespace, url: str) -> int:
 
 
 async def _main(args: argparse.Namespace, store: SessionStore, url: str) -> int:
-    await store.open()
+    if args.command == "check" and isinstance(store, SQLStoreBase):
+        await store.open(migrate=False)  # look, never upgrade (see the module docstring)
+    else:
+        await store.open()
     try:
         if args.command == "status":
             return await _status(args, store, url)
@@ -99,12 +110,18 @@ async def _status(args: argparse.Namespace, store: SessionStore, url: str) -> in
 
 
 async def _check(args: argparse.Namespace, store: SessionStore, url: str) -> int:
-    problems = await store.check(time.time())
+    if isinstance(store, SQLStoreBase):
+        problems = await store.check_as_found(time.time())
+    else:
+        problems = await store.check(time.time())
     health = await store.health()
+    version = health.schema_version
+    if isinstance(store, SQLStoreBase) and store.found_schema is not None:
+        version = store.found_schema  # also where health cannot read it: no schema at all
     report = {
         "store": redact_url(url),
         "backend": health.backend,
-        "schema_version": health.schema_version,
+        "schema_version": version,
         "problems": problems,
         "ok": not problems,
     }
@@ -115,7 +132,7 @@ async def _check(args: argparse.Namespace, store: SessionStore, url: str) -> int
             print(" ".join(problem.splitlines()))  # one line each, whatever the data holds
         print(f"mcp-sessions: {len(problems)} problem(s) in {report['store']}", file=sys.stderr)
     else:
-        schema = f", schema v{health.schema_version}" if health.schema_version is not None else ""
+        schema = f", schema v{version}" if version is not None else ""
         print(f"ok: {report['store']} ({health.backend}{schema}): no problems")
     return 1 if problems else 0
 

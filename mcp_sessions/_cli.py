@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="sessions in a store by state and kind, the most recently active, the server "
         "instances and their leases",
+        description="Show a store's sessions by state and kind, the most recently active, "
+        "the server instances and their leases. Opens the store as a server does: an older "
+        "schema is upgraded (and a missing one created); `check` changes nothing.",
     )
     status.add_argument("--store", default=_env("STORE"), help="store URL (as for serve)")
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -128,10 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="check a store: integrity, schema version, undecodable rows, orphaned sessions "
         "and lapsed instances",
-        description="Check a store without changing its data: the database's integrity "
+        description="Check a store without changing anything in it: the database's integrity "
         "(SQLite), the schema version, rows that cannot be decoded, live sessions of server "
         "instances that are gone, and instances whose lease lapsed. Prints one line per "
-        "problem and exits 1 when there is any, 0 when there is none.",
+        "problem and exits 1 when there is any, 0 when there is none. An older schema is "
+        "reported, not upgraded (`status` or a server upgrades it).",
     )
     check.add_argument("--store", default=_env("STORE"), help="store URL (as for serve)")
     check.add_argument("--json", action="store_true", help="print JSON instead of text")

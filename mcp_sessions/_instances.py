@@ -68,6 +68,8 @@ class InstanceLease:
         self._started_at = 0.0
         #: Wall time of our last successful renewal: the reaping cutoff.
         self._renewed_at: float | None = None
+        #: We were reaped: our connection sessions must be checked against the store.
+        self._check_pending = False
 
     def _record(self, now: float) -> InstanceRecord:
         from . import __version__
@@ -95,12 +97,16 @@ class InstanceLease:
         if not await self._call(store.heartbeat(self.id, now, now + 5 * self.interval)):
             logger.warning("this instance's lease had lapsed and was reaped; registering again")
             await self.register()
+            self._check_pending = True
+        if self._check_pending:  # until it succeeds
             await self._lost()
+            self._check_pending = False
         before, self._renewed_at = self._renewed_at, now
         if before is not None:
-            # Never past one interval ago: after the wall clock stepped back, our
-            # previous renewal is "in the future" of leases renewed since.
-            before = min(before, now - self.interval)
+            # Never past one interval ago, read afresh: after the wall clock stepped
+            # back (even while we renewed), our previous renewal is "in the future" of
+            # leases renewed since.
+            before = min(before, self._clock.wall() - self.interval)
             ended = await self._call(store.reap_instances(before, now))
             if ended:
                 logger.info("ended %d connection sessions of lapsed instances", len(ended))
@@ -116,5 +122,6 @@ class InstanceLease:
                 logger.warning("could not renew this instance's lease: %s", exc)
 
     async def remove(self) -> None:
-        """Forget this instance (a clean stop; its sessions have ended)."""
-        await self._call(self._store.remove_instance(self.id))
+        """Forget this instance (a clean stop), ending any connection session of ours
+        whose end could not be written, so none is left live without an instance."""
+        await self._call(self._store.remove_instance(self.id, self._clock.wall()))

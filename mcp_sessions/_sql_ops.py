@@ -90,7 +90,7 @@ class Operations:
                     break
                 victim = None
                 if limits.evict_before is not None:
-                    cur.execute(victim_sql, (*who, limits.evict_before, *due))
+                    cur.execute(victim_sql, (*who, limits.evict_before, limits.instance, *due))
                     victim = _one(cur)
                 if victim is None:
                     raise limits.exceeded(scope, limit)
@@ -263,8 +263,10 @@ class Operations:
         cur.execute(self._sql.heartbeat, (at, lease_until, instance_id))
         return int(cur.rowcount) > 0
 
-    def remove_instance(self, cur: Any, *, instance_id: str) -> None:
+    def remove_instance(self, cur: Any, *, instance_id: str, at: float) -> list[str]:
         cur.execute(self._sql.instance_delete, (instance_id,))
+        cur.execute(self._sql.reap_sessions, (at, instance_id))
+        return sorted(str(r[0]) for r in cur.fetchall())
 
     def list_instances(self, cur: Any) -> list[InstanceRecord]:
         cur.execute(self._sql.instances)

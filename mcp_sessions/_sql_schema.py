@@ -41,8 +41,12 @@ __all__ = [
     "JSON_COLUMNS",
     "LATEST_SCHEMA",
     "apply_migrations",
+    "found_schema_version",
     "migrations",
+    "schema_as_found",
     "schema_too_new_message",
+    "schema_too_old_message",
+    "table_exists",
 ]
 
 #: The columns of ``sessions``, in the order every statement selects them.
@@ -188,3 +192,49 @@ def apply_migrations(cur: Any, dialect: Dialect, where: str) -> None:
         for stmt in statements:
             cur.execute(stmt)
         cur.execute(insert, (version, time.time()))
+
+
+# -- reading a schema as found, without migrating it (``mcp-sessions check``) ----------
+
+
+def table_exists(cur: Any, dialect: Dialect, table: str) -> bool:
+    """Whether ``table`` exists where the store's statements look for it (PostgreSQL: on the
+    connection's ``search_path``). Reads only."""
+    if dialect.name == "sqlite":
+        cur.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,))
+    else:
+        cur.execute("SELECT to_regclass(%s)", (table,))
+    row = cur.fetchone()
+    return row is not None and row[0] is not None
+
+
+def found_schema_version(cur: Any, dialect: Dialect) -> int:
+    """The schema version the database holds, 0 when it has none; creates and changes nothing."""
+    if not table_exists(cur, dialect, "schema_version"):
+        return 0
+    cur.execute("SELECT MAX(version) FROM schema_version")
+    row = cur.fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def schema_too_old_message(found: int) -> str:
+    return (
+        f"schema version {found}, this code expects {LATEST_SCHEMA} (run a server or "
+        "`mcp-sessions status` on this store to upgrade it)"
+    )
+
+
+def schema_as_found(
+    cur: Any, dialect: Dialect, where: str, schema: str | None = None
+) -> int | None:
+    """What a store opened without migrating finds: None when the PostgreSQL ``schema`` it
+    names does not exist, else its schema version (0: none). Reads only; a version newer
+    than this code raises :class:`SchemaTooNew`, as opening to migrate does."""
+    if schema is not None:
+        cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,))
+        if cur.fetchone() is None:
+            return None
+    found = found_schema_version(cur, dialect)
+    if found > LATEST_SCHEMA:
+        raise SchemaTooNew(schema_too_new_message(where, found))
+    return found

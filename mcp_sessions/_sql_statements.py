@@ -66,9 +66,10 @@ class Statements:
     count_live: str
     #: principal, due_params(now, grace), limit -> the principal's, as :attr:`count_live`.
     count_live_principal: str
-    #: evict_before, due_params(now, grace) -> the longest-idle live session not due.
+    #: evict_before, instance, due_params(now, grace) -> the longest-idle live session
+    #: not due (a handle session, or a connection session of that instance).
     evict_victim: str
-    #: principal, evict_before, due_params(now, grace) -> the principal's, as above.
+    #: principal, evict_before, instance, due_params(now, grace) -> the principal's, as above.
     evict_victim_principal: str
     #: key -> takes the admission lock until commit ("" where writers are serialised).
     admit_lock: str
@@ -179,7 +180,10 @@ class Statements:
                 "INSERT INTO leases (name, holder, until_at) VALUES (%s, %s, %s) "
                 "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
                 "until_at = excluded.until_at "
-                "WHERE leases.until_at <= %s OR leases.holder = excluded.holder RETURNING holder"
+                "WHERE leases.until_at <= %s OR leases.holder = excluded.holder "
+                # A lease ending beyond a whole lease from now was taken before the
+                # wall clock stepped back: it counts as lapsed.
+                "OR leases.until_at > excluded.until_at RETURNING holder"
             ),
             purge_find=d.q(
                 f"SELECT 1 FROM sessions WHERE state = '{TERMINATED}' AND terminated_at < %s "
@@ -196,11 +200,13 @@ class Statements:
             ),
             evict_victim=d.q(
                 f"SELECT id FROM sessions WHERE state = '{LIVE}' AND last_active <= %s "
+                f"AND (instance IS NULL OR instance = %s) "
                 f"AND NOT ({DUE_SQL}) ORDER BY last_active, id LIMIT 1"
             ),
             evict_victim_principal=d.q(
                 f"SELECT id FROM sessions WHERE principal = %s AND state = '{LIVE}' "
-                f"AND last_active <= %s AND NOT ({DUE_SQL}) ORDER BY last_active, id LIMIT 1"
+                f"AND last_active <= %s AND (instance IS NULL OR instance = %s) "
+                f"AND NOT ({DUE_SQL}) ORDER BY last_active, id LIMIT 1"
             ),
             admit_lock=(
                 d.q("SELECT pg_advisory_xact_lock(hashtext(%s))") if d.name == "postgresql" else ""

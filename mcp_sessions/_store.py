@@ -219,6 +219,9 @@ class Limits:
     #: longest-idle session in the full scope, among those not active since
     #: this time (so one busy in some process is never taken). None: refuse.
     evict_before: float | None = None
+    #: The evicting process's instance: a connection session is evicted only by
+    #: its own process (another process's would go on being served there).
+    instance: str | None = None
 
     def exceeded(self, scope: str, limit: int) -> LimitExceeded:
         return LimitExceeded.at(scope, limit, evicting=self.evict_before is not None)
@@ -409,8 +412,9 @@ class SessionStore(Protocol):
     async def heartbeat(self, instance_id: str, at: float, lease_until: float) -> bool:
         """Renew an instance's lease; False if its record is gone (it was reaped)."""
 
-    async def remove_instance(self, instance_id: str) -> None:
-        """Forget an instance that stopped cleanly (its sessions are already ended)."""
+    async def remove_instance(self, instance_id: str, at: float) -> list[str]:
+        """Forget an instance that stopped cleanly; end (``disconnected``) any of its
+        connection sessions still live (their end could not be written); return their ids."""
 
     async def list_instances(self) -> list[InstanceRecord]:
         """Every registered instance, lapsed ones included, oldest first."""
@@ -502,7 +506,14 @@ class MemoryStore:
             record.handle_hash is not None and record.handle_hash in self._by_hash
         ):
             raise StoreError(f"duplicate session {record.id}")
-        evicted = self._make_room(record.principal, limits) if limits is not None else []
+        evicted: list[str] = []
+        if limits is not None:
+            before = dict(self._records)
+            try:
+                evicted = self._make_room(record.principal, limits)
+            except LimitExceeded:
+                self._records = before  # all or nothing, as in one transaction
+                raise
         self._records[record.id] = _frozen_copy(attrs.evolve(record, doc_loaded=True))
         if record.handle_hash is not None:
             self._by_hash[record.handle_hash] = record.id
@@ -532,6 +543,7 @@ class MemoryStore:
                     if limits.evict_before is not None
                     and r.state == LIVE
                     and r.last_active <= limits.evict_before
+                    and (r.instance is None or r.instance == limits.instance)
                 ]
                 if not idle:
                     raise limits.exceeded(scope, limit)
@@ -738,10 +750,11 @@ class MemoryStore:
         )
         return True
 
-    async def remove_instance(self, instance_id: str) -> None:
+    async def remove_instance(self, instance_id: str, at: float) -> list[str]:
         await trio.lowlevel.checkpoint()
         self._count("remove_instance", write=True)
         self._instances.pop(instance_id, None)
+        return self._end_connections({instance_id}, at)
 
     async def list_instances(self) -> list[InstanceRecord]:
         await trio.lowlevel.checkpoint()
@@ -755,9 +768,14 @@ class MemoryStore:
         if not gone_ids:
             return []
         self._writes += 1
+        for instance_id in gone_ids:
+            del self._instances[instance_id]
+        return self._end_connections(gone_ids, at)
+
+    def _end_connections(self, instance_ids: set[str], at: float) -> list[str]:
         ended = []
         for r in list(self._records.values()):
-            if r.live and r.instance in gone_ids:
+            if r.live and r.instance in instance_ids:
                 self._records[r.id] = attrs.evolve(
                     r,
                     state=TERMINATED,
@@ -765,8 +783,6 @@ class MemoryStore:
                     terminated_at=at,
                 )
                 ended.append(r.id)
-        for instance_id in gone_ids:
-            del self._instances[instance_id]
         return ended
 
     async def health(self) -> StoreHealth:

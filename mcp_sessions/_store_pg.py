@@ -57,7 +57,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
 from ._sql_dialect import Dialect
-from ._sql_schema import apply_migrations
+from ._sql_schema import apply_migrations, schema_as_found
 from ._sql_worker import Transactions
 from ._store import StoreUnavailable
 from ._store_sql import SQLStoreBase
@@ -170,7 +170,12 @@ class PostgresStore(SQLStoreBase):
     # -- plumbing ----------------------------------------------------------
 
     def _connect_kwargs(self) -> dict[str, Any]:
-        options = f"-c statement_timeout={int(self.op_timeout * 1000)}"
+        # Counting under the admission lock needs each statement to see what the
+        # lock's previous holder committed: READ COMMITTED, whatever the database's default.
+        options = (
+            f"-c statement_timeout={int(self.op_timeout * 1000)} "
+            r"-c default_transaction_isolation=read\ committed"
+        )
         if self.schema:
             options += f" -c search_path={self.schema}"
         return {
@@ -210,10 +215,17 @@ class PostgresStore(SQLStoreBase):
             cur.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
         apply_migrations(cur, self.dialect, self._where)
 
-    def _open_sync(self) -> psycopg_pool.ConnectionPool[psycopg.Connection[Any]]:
+    def _open_sync(
+        self, migrate: bool = True
+    ) -> psycopg_pool.ConnectionPool[psycopg.Connection[Any]]:
+        kwargs = self._connect_kwargs()
+        if not migrate:
+            # Opened to look only: the server itself refuses every write.
+            options = str(kwargs.get("options", ""))
+            kwargs["options"] = f"{options} -c default_transaction_read_only=on".strip()
         pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] = psycopg_pool.ConnectionPool(
             self.dsn,
-            kwargs=self._connect_kwargs(),
+            kwargs=kwargs,
             min_size=self.min_size,
             max_size=self.max_size,
             open=False,
@@ -224,20 +236,31 @@ class PostgresStore(SQLStoreBase):
         try:
             pool.open(wait=self.min_size > 0, timeout=self.connect_timeout)
             with pool.connection(timeout=self.connect_timeout) as conn, conn.cursor() as cur:
-                self._migrate(cur)
+                if migrate:
+                    self._migrate(cur)
+                else:  # note what is there; CREATE SCHEMA and migrations are for migrate
+                    found = schema_as_found(cur, self.dialect, self._where, self.schema)
+                    self.found_schema = 0 if found is None else found
+                    self.missing_schema = self.schema if found is None else None
         except BaseException:
             pool.close(timeout=1.0)
             raise
         return pool
 
-    async def open(self) -> None:
-        """Connect and apply pending migrations. Raises SchemaTooNew or StoreUnavailable."""
+    async def open(self, *, migrate: bool = True) -> None:
+        """Connect and apply pending migrations. Raises SchemaTooNew or StoreUnavailable.
+
+        With ``migrate=False`` (``mcp-sessions check``), create and change
+        nothing: no schema, no table, and every transaction is read-only (see
+        :meth:`SQLStoreBase.open`).
+        """
         async with self._lifecycle:
             if self._worker is not None:
                 return
+            self.found_schema = self.missing_schema = None
             # Bounded by the driver's own timeouts; never abandoned, so nothing it
             # creates can leak from a thread nobody waits for.
-            pool = await self._in_thread(self._open_sync)
+            pool = await self._in_thread(lambda: self._open_sync(migrate))
             worker = self._worker_for(
                 _PoolTransactions(pool, self),
                 threads=self.max_size,

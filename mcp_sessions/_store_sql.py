@@ -35,7 +35,7 @@ from ._errors import SessionError
 from ._sql_codec import RowCodec
 from ._sql_dialect import Dialect
 from ._sql_ops import Operations
-from ._sql_schema import LATEST_SCHEMA
+from ._sql_schema import LATEST_SCHEMA, found_schema_version, schema_too_old_message
 from ._sql_statements import Statements
 from ._sql_worker import COMMITTING, DONE, Counters, GroupCommit
 from ._state import TerminationReason
@@ -78,6 +78,12 @@ class SQLStoreBase:
     _lock_key = "mcp_sessions:admit"
     #: Rows of ``sessions`` that :meth:`check` reads and decodes per operation.
     check_chunk = 500
+    #: After ``open(migrate=False)``: the schema version found at open (0: none at all),
+    #: possibly older than this code's; None after an ordinary open, which brought it up
+    #: to date. :meth:`check_as_found` refreshes it.
+    found_schema: int | None = None
+    #: After ``open(migrate=False)`` on PostgreSQL: the store's schema, if it does not exist.
+    missing_schema: str | None = None
 
     def __init__(self) -> None:
         self._sql = Statements.build(self.dialect)
@@ -217,8 +223,12 @@ class SQLStoreBase:
             limits=limits,
             lock_key=self._lock_key,
         )
+        # With limits, the create takes the admission lock (PostgreSQL): it sorts
+        # first among the writes of its transaction (key ""), so that lock is always
+        # taken before any row lock and two transactions can never wait on each other.
+        key = "" if limits is not None else record.id
         try:
-            return await self._run("create", fn, write=True, key=record.id)
+            return await self._run("create", fn, write=True, key=key)
         except Exception as exc:
             if self._is_duplicate(exc):
                 raise StoreError(f"duplicate session {record.id}") from None
@@ -344,9 +354,9 @@ class SQLStoreBase:
         fn = partial(self._ops.heartbeat, instance_id=instance_id, at=at, lease_until=lease_until)
         return await self._run("heartbeat", fn, write=True)
 
-    async def remove_instance(self, instance_id: str) -> None:
-        fn = partial(self._ops.remove_instance, instance_id=instance_id)
-        await self._run("remove_instance", fn, write=True)
+    async def remove_instance(self, instance_id: str, at: float) -> list[str]:
+        fn = partial(self._ops.remove_instance, instance_id=instance_id, at=at)
+        return await self._run("remove_instance", fn, write=True)
 
     async def list_instances(self) -> list[InstanceRecord]:
         return await self._read("list_instances", self._ops.list_instances)
@@ -372,6 +382,36 @@ class SQLStoreBase:
         problems.extend(await self._run("check_instances", fn_instances, write=False))
         fn_orphans = partial(ops.check_orphans, now=now)
         problems.extend(await self._run("check_orphans", fn_orphans, write=False))
+        return problems
+
+    async def open(self, *, migrate: bool = True) -> None:
+        """Connect and, unless ``migrate`` is false, apply pending migrations.
+
+        With ``migrate=False`` the store changes nothing in the database (it
+        creates no file, schema or table, and refuses every write) and records
+        what it found in :attr:`found_schema` and :attr:`missing_schema`; only
+        :meth:`check_as_found` and reads of an up-to-date schema make sense then.
+        A schema newer than this code is refused either way (``SchemaTooNew``).
+        """
+        raise NotImplementedError
+
+    async def check_as_found(self, now: float) -> list[str]:
+        """:meth:`check` for a store opened with ``migrate=False``, whatever its schema.
+
+        A missing PostgreSQL schema is the one problem; no mcp-sessions schema,
+        or an older one, is reported after SQLite's integrity check, without the
+        checks that read what later versions added; an up-to-date schema gets
+        the whole :meth:`check`.
+        """
+        if self.missing_schema is not None:
+            return [f"schema {self.missing_schema} does not exist"]
+        fn = partial(found_schema_version, dialect=self.dialect)
+        found = await self._run("check_schema", fn, write=False)
+        self.found_schema = found
+        if found >= LATEST_SCHEMA:
+            return await self.check(now)
+        problems = await self._run("check_integrity", self._ops.check_integrity, write=False)
+        problems.append("no mcp-sessions schema" if found == 0 else schema_too_old_message(found))
         return problems
 
     async def reap_instances(self, before: float, at: float) -> list[str]:

@@ -60,7 +60,7 @@ import attrs
 import trio
 
 from ._sql_dialect import Dialect
-from ._sql_schema import apply_migrations
+from ._sql_schema import apply_migrations, schema_as_found, table_exists
 from ._sql_worker import Transactions
 from ._store import SchemaTooNew, StoreUnavailable
 from ._store_sql import MISS, SQLStoreBase
@@ -95,6 +95,15 @@ def _generation(cur: sqlite3.Cursor | sqlite3.Connection) -> int:
     return int(cur.execute(_GENERATION).fetchall()[0][0])
 
 
+def _generation_if_any(conn: sqlite3.Connection) -> int:
+    """The generation, or 0 where the schema predates it (a store opened without migrating)."""
+    cur = conn.cursor()
+    try:
+        return _generation(cur) if table_exists(cur, SQLITE, "store_generation") else 0
+    finally:
+        cur.close()
+
+
 @attrs.frozen
 class _OwnWrites:
     """What the worker publishes about its own write transactions (read by the trio thread).
@@ -112,17 +121,25 @@ class _OwnWrites:
 class _WorkerTransactions(Transactions):
     """The worker's connection: BEGIN IMMEDIATE for writes, generations around them."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, own: _OwnWrites) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, path: Path, own: _OwnWrites, *, read_only: bool = False
+    ) -> None:
         self.conn = conn
         self._path = path
         self.own = own
         self._before = own.generation
+        #: Opened without migrating: no write transaction is ever begun.
+        self.read_only = read_only
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[sqlite3.Connection]:
         yield self.conn
 
     def begin(self, conn: Any, cur: Any, write: bool) -> None:
+        if write and self.read_only:
+            raise StoreUnavailable(
+                f"sqlite store {self._path} was opened without migrating: it takes no writes"
+            )
         cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         if write:
             self._before = _generation(cur)
@@ -268,17 +285,21 @@ class SQLiteStore(SQLStoreBase):
 
     # -- lifecycle -----------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, *, create: bool = True) -> sqlite3.Connection:
         return sqlite3.connect(
-            self.path,
+            self.path if create else f"{self.path.resolve().as_uri()}?mode=rw",
+            uri=not create,
             timeout=self.busy_timeout,
             isolation_level=None,  # we issue BEGIN/COMMIT ourselves
             check_same_thread=False,
         )
 
-    def _open_sync(self) -> tuple[sqlite3.Connection, sqlite3.Connection, int, int, int]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = self._connect()
+    def _open_sync(
+        self, migrate: bool = True
+    ) -> tuple[sqlite3.Connection, sqlite3.Connection, int, int, int]:
+        if migrate:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._connect(create=migrate)
         reader: sqlite3.Connection | None = None
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
@@ -288,7 +309,10 @@ class SQLiteStore(SQLStoreBase):
                     f"sqlite store {self.path}: cannot use WAL journal mode (got {mode!r})"
                 )
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-            generation = self._retry_locked(lambda: self._migrate(conn))
+            if migrate:
+                generation = self._retry_locked(lambda: self._migrate(conn))
+            else:
+                generation = self._as_found(conn)
             reader = sqlite3.connect(
                 f"{self.path.resolve().as_uri()}?mode=ro",
                 uri=True,
@@ -298,7 +322,7 @@ class SQLiteStore(SQLStoreBase):
             )
             reader.execute("PRAGMA busy_timeout = 0")
             data_version = int(reader.execute("PRAGMA data_version").fetchall()[0][0])
-            seen = _generation(reader)
+            seen = _generation(reader) if migrate else _generation_if_any(reader)
         except BaseException:
             conn.close()
             if reader is not None:
@@ -343,21 +367,40 @@ class SQLiteStore(SQLStoreBase):
             raise
         return generation
 
-    async def open(self) -> None:
-        """Create the file (and its directory) if needed, and apply pending migrations."""
+    def _as_found(self, conn: sqlite3.Connection) -> int:
+        """Open without migrating: read-only from here on; note the schema version found
+        (refusing one newer than this code); return the generation (0 if none)."""
+        conn.execute("PRAGMA query_only = ON")
+        cur = conn.cursor()
+        try:
+            self.found_schema = schema_as_found(cur, self.dialect, self._where) or 0
+        finally:
+            cur.close()
+        return _generation_if_any(conn)
+
+    async def open(self, *, migrate: bool = True) -> None:
+        """Create the file (and its directory) if needed, and apply pending migrations.
+
+        With ``migrate=False`` (``mcp-sessions check``), create and change
+        nothing: the file must exist, no table is created, and the store takes
+        no writes (see :meth:`SQLStoreBase.open`).
+        """
         async with self._lifecycle:
             if self._worker is not None:
                 return
+            self.found_schema = None
             # Bounded by busy_timeout per statement; opening is not abandoned, so a
             # connection can never leak from a thread nobody waits for.
             try:
-                opened = await self._in_thread(self._open_sync)
+                opened = await self._in_thread(lambda: self._open_sync(migrate))
             except (SchemaTooNew, StoreUnavailable):
                 raise
             except OSError as exc:
                 raise StoreUnavailable(f"{self._where} cannot be opened: {exc}") from exc
             conn, reader, generation, data_version, seen = opened
-            tx = _WorkerTransactions(conn, self.path, _OwnWrites(generation, 0))
+            tx = _WorkerTransactions(
+                conn, self.path, _OwnWrites(generation, 0), read_only=not migrate
+            )
             worker = self._worker_for(tx, threads=1)
             # Interrupt a long statement once every caller of its transaction gave up.
             conn.set_progress_handler(lambda: int(worker.all_abandoned()), 1000)

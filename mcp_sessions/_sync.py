@@ -89,6 +89,7 @@ class StoreSync(Protocol):
     durable: bool
     #: The last store failure seen, until a store call succeeds again.
     error: str | None
+
     @property
     def instance_id(self) -> str | None:
         """This process's instance in the store, if it registered one."""

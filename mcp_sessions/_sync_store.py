@@ -28,6 +28,7 @@ for its activity to be rewritten in the new wall time at once.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -296,6 +297,7 @@ class DurableSync(_Base):
             reaped=self._reaped,
             lost=self._check_connections,
         )
+        self._stepped_at = -math.inf
         clock.on_step(self._clock_stepped)
 
     @property
@@ -333,14 +335,24 @@ class DurableSync(_Base):
         )
 
     def _clock_stepped(self, step: float) -> None:
-        # What we know of the store's times moves with the wall clock, and our
-        # sessions' last use is written again in the new wall time, before anyone
-        # (this process's sweeper included) judges them by their old times.
+        # What we knew of the store's times is in the old wall time (or, learnt since
+        # the step and before we noticed it, in the new one: we cannot tell), so it
+        # is forgotten; our sessions' last use is written again in the new wall time
+        # at once, and until every process sharing the store has had time to do the
+        # same, nothing is idled out on stored times (see _settling).
         for session in self._registry:
             st = _stored(session)
             if st is not None:
-                st.known_active += step
+                st.known_active = -math.inf
+        self._stepped_at = trio.current_time()
         self._activity.rewrite_all(self._registry)
+
+    def _settling(self) -> bool:
+        """Whether the wall clock stepped too recently to judge idleness by stored times:
+        other processes may not have noticed yet, nor rewritten their sessions' use."""
+        settings = self._settings
+        window = settings.cleanup_interval + 2 * settings.touch_interval
+        return trio.current_time() < self._stepped_at + window
 
     def _reaped(self, session_ids: list[str]) -> None:
         for session_id in session_ids:
@@ -369,6 +381,7 @@ class DurableSync(_Base):
             # Not one written active in the last two touch intervals: such a
             # session may be busy in some process.
             evict_before=now - 2 * settings.touch_interval if evict else None,
+            instance=self.instance.id,
         )
 
     async def _call(self, op: Awaitable[_T]) -> _T:
@@ -511,13 +524,16 @@ class DurableSync(_Base):
             if local.in_flight:
                 return None
             last_active = max(last_active, self._clock.wall_at(local.last_active_time))
-        return _expiry.due(
+        reason = _expiry.due(
             now,
             expires_at=record.expires_at,
             idle_since=last_active if record.state == LIVE else None,
             idle_timeout=record.idle_timeout,
             grace=self.idle_grace,
         )
+        if reason is TerminationReason.IDLE_TIMEOUT and self._settling():
+            return None  # stored times may still be in the old wall time
+        return reason
 
     def adopted(self, session: Session, record: SessionRecord) -> None:
         """Take a session the supervisor brought in from ``record``."""
@@ -714,6 +730,8 @@ class DurableSync(_Base):
             await trio.sleep(interval)
             try:
                 self._clock.check_step()  # a step rewrites our sessions' use first
+                if self._settling():
+                    continue  # others may still hold pre-step times: sweep next time
                 await self._activity.flush()  # our own recent use first
                 now = self._clock.wall()
                 # One process sweeps per interval: the holder of the sweep lease.

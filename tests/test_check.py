@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from mcp_sessions._cli import main
 from mcp_sessions._state import TerminationReason
-from mcp_sessions._store import InstanceRecord, SessionStore
+from mcp_sessions._store import InstanceRecord, SessionStore, StoreUnavailable
+from mcp_sessions._store_sql import SQLStoreBase
 
 from .conftest import PYTHON
-from .test_store_contract import BACKENDS, PG_DSN, SHARED, Backend, record
+from .test_store_contract import BACKENDS, MIGRATED, PG_DSN, PG_SKIP, SHARED, Backend, record
 
 NOW = time.time()
 HOUR = 3600.0
@@ -375,3 +378,153 @@ async def test_the_command_exits_1_from_a_subprocess(tmp_path: Path) -> None:
         )
     assert result.returncode == 1, result.stderr
     assert result.stdout.decode().splitlines() == ORPHAN_LINES
+
+
+# -- check looks, never upgrades -------------------------------------------------
+
+
+def downgrade(backend: Backend, version: int) -> None:
+    """Take a closed store back to what schema ``version`` (1 or 2) left, data kept (as
+    test_store_contract.py::test_upgrade_from_schema_1_keeps_data does)."""
+    for index in ("sessions_live_principal", "sessions_live_instance", "sessions_kind_state"):
+        backend.raw(f"DROP INDEX {index}")
+    backend.raw("ALTER TABLE sessions DROP COLUMN instance")
+    backend.raw("DROP TABLE instances")
+    backend.raw("DROP TABLE leases")
+    if version < 2 and backend.name == "sqlite":
+        for event in ("insert", "update", "delete"):
+            backend.raw(f"DROP TRIGGER sessions_{event}_bumps_generation")
+        backend.raw("DROP TABLE store_generation")
+    backend.raw("DELETE FROM schema_version WHERE version > %s", (version,))
+
+
+def schema_objects(backend: Backend) -> list[tuple[Any, ...]]:
+    """Every table, column, index and trigger of the store's database (or schema)."""
+    if backend.name == "sqlite":
+        return backend.raw("SELECT type, name, sql FROM sqlite_master ORDER BY type, name")
+    return backend.raw(
+        "SELECT table_name, column_name, data_type FROM information_schema.columns "
+        "WHERE table_schema = current_schema() ORDER BY 1, 2"
+    ) + backend.raw(
+        "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = current_schema() ORDER BY 1"
+    )
+
+
+def pg_schema_exists(schema: str) -> bool:
+    import psycopg
+
+    assert PG_DSN is not None
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        found = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,))
+        return found.fetchone() is not None
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_check_an_older_schema_reports_it_exits_1_and_upgrades_nothing(
+    db: Backend, version: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed(db, seed_healthy)
+    downgrade(db, version)
+    before = schema_objects(db), db.raw("SELECT * FROM schema_version ORDER BY version")
+    sessions = db.raw("SELECT id, state, version FROM sessions ORDER BY id")
+    url = url_of(db)
+    expected = [
+        f"schema version {version}, this code expects 3 (run a server or `mcp-sessions status` "
+        "on this store to upgrade it)"
+    ]
+    assert main(["check", "--store", url]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines() == expected
+    assert err.splitlines() == [f"mcp-sessions: 1 problem(s) in {url}"]
+    assert main(["check", "--store", url, "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report == {
+        "store": url,
+        "backend": db.name,
+        "schema_version": version,
+        "problems": expected,
+        "ok": False,
+    }
+    # Nothing was migrated, created or written.
+    assert (schema_objects(db), db.raw("SELECT * FROM schema_version ORDER BY version")) == before
+    assert db.raw("SELECT id, state, version FROM sessions ORDER BY id") == sessions
+    # `status` opens the store as a server does: that upgrades it, and check is then happy.
+    assert main(["status", "--store", url, "--json"]) == 0
+    assert db.raw("SELECT version FROM schema_version ORDER BY version") == MIGRATED
+    capsys.readouterr()
+    assert main(["check", "--store", url]) == 0
+
+
+def test_check_a_sqlite_file_without_the_schema_exits_1_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("CREATE TABLE unrelated (x INTEGER)")
+    finally:
+        conn.close()
+    url = f"sqlite:///{path}"
+    assert main(["check", "--store", url]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["no mcp-sessions schema"]
+    assert err.splitlines() == [f"mcp-sessions: 1 problem(s) in {url}"]
+    assert main(["check", "--store", url, "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["schema_version"] == 0
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("unrelated",)]
+    finally:
+        conn.close()
+
+
+@pytest.mark.skipif(PG_DSN is None, reason=PG_SKIP)
+def test_check_a_missing_postgresql_schema_exits_1_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = Backend("postgresql", tmp_path)
+    try:
+        url = url_of(db)
+        assert main(["check", "--store", url]) == 1
+        out, err = capsys.readouterr()
+        assert out.splitlines() == [f"schema {db.schema} does not exist"]
+        assert err.splitlines()[-1] == f"mcp-sessions: 1 problem(s) in {url}"
+        assert not pg_schema_exists(db.schema)
+        # An empty schema is there, but holds no store.
+        db.raw(f'CREATE SCHEMA "{db.schema}"')
+        assert main(["check", "--store", url]) == 1
+        assert capsys.readouterr().out.splitlines() == ["no mcp-sessions schema"]
+        assert db.raw("SELECT COUNT(*) FROM information_schema.tables "
+                      "WHERE table_schema = current_schema()") == [(0,)]  # fmt: skip
+    finally:
+        db.cleanup()
+
+
+async def test_a_store_opened_without_migrating_reads_and_refuses_writes(shared: Backend) -> None:
+    store = await shared.make()
+    await store.create(record("s", created=NOW))
+    await shared.close_all()
+    looker = shared.new()
+    assert isinstance(looker, SQLStoreBase)
+    await looker.open(migrate=False)
+    try:
+        assert looker.found_schema == 3
+        assert looker.missing_schema is None
+        got = await looker.load("s")
+        assert got is not None
+        assert got.id == "s"
+        assert (await looker.health()).schema_version == 3
+        assert await looker.check_as_found(NOW) == []
+        with pytest.raises(StoreUnavailable):
+            await looker.create(record("t", created=NOW))
+        with pytest.raises(StoreUnavailable):
+            await looker.terminate("s", TerminationReason.CLOSED, NOW)
+    finally:
+        await looker.aclose()
+    assert shared.raw("SELECT id, state FROM sessions") == [("s", "idle")]
+    # Opened as usual afterwards, it writes again (nothing sticks from the look).
+    again = await shared.make()
+    await again.create(record("t", created=NOW))
+    assert isinstance(again, SQLStoreBase)
+    assert again.found_schema is None

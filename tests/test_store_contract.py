@@ -35,6 +35,7 @@ from mcp_sessions._store import (
     SessionRecord,
     SessionStore,
     StoreError,
+    StoreUnavailable,
     Touch,
 )
 from mcp_sessions._store_url import redact_url, store_from_url
@@ -1008,7 +1009,7 @@ async def test_instances_renew_and_lapsed_ones_are_reaped(store: SessionStore) -
     assert (await store.load("handle")).live  # type: ignore[union-attr]
     assert (await store.load("conn_b")).live  # type: ignore[union-attr]
     assert await store.heartbeat("i_a", T0 + 13, T0 + 23) is False  # it was reaped
-    await store.remove_instance("i_b")
+    assert await store.remove_instance("i_b", T0 + 14) == ["conn_b"]  # its live one ends
     assert await store.list_instances() == []
 
 
@@ -1042,3 +1043,48 @@ async def test_a_patch_past_max_bytes_writes_nothing(store: SessionStore) -> Non
     got = await store.load("s")
     assert got is not None
     assert (got.version, got.doc) == (1, {"a": "x" * 10})
+
+
+async def test_an_open_refused_for_one_scope_evicts_nobody_for_another(store: SessionStore) -> None:
+    await store.create(record("bob", principal="bob", created=T0))  # long idle
+    await store.create(record("alice", created=T0 + 990))  # recently active
+    at_limits = limits(max_sessions=2, max_per_principal=1, now=T0 + 1000, evict_before=T0 + 900)
+    with pytest.raises(LimitExceeded):
+        await store.create(record("new", created=T0 + 1000), limits=at_limits)
+    got = await store.load("bob")
+    assert got is not None
+    assert got.live  # evicting bob for the global limit was undone with the refusal
+
+
+async def test_opens_with_limits_and_patches_from_two_stores_never_deadlock(
+    shared: Backend,
+) -> None:
+    # One connection each (PostgreSQL): every operation of a hop shares one transaction.
+    options: dict[str, Any] = {"max_size": 1} if shared.name == "postgresql" else {}
+    one, two = await shared.make(**options), await shared.make(**options)
+    rows = ["s_1", "s_5", "s_9", "s_d"]
+    for row in rows:
+        await one.create(record(row))
+    failures: list[BaseException] = []
+
+    async def run(coro: Awaitable[object]) -> None:
+        try:
+            await coro
+        except StoreUnavailable as exc:  # a deadlock that outlived its retries
+            failures.append(exc)
+
+    async def worker(store: SessionStore, n: int) -> None:
+        for k in range(n):
+            async with trio.open_nursery() as nursery:
+                # A create sorting after the patched rows, and patches of the shared rows.
+                opening = record(f"s_{uuid.uuid4().hex[:8]}", principal=f"p{k}")  # between rows
+                nursery.start_soon(run, store.create(opening, limits=limits(max_sessions=10**6)))
+                for row in (rows[k % 4], rows[(k * 3 + 1) % 4]):
+                    nursery.start_soon(
+                        run, store.patch_state(row, {"k": k}, if_version=None, at=T0)
+                    )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker, one, 150)
+        nursery.start_soon(worker, two, 150)
+    assert failures == []
