@@ -77,11 +77,7 @@ class Operations:
             cur.execute(sql.admit_lock, (lock_key,))
         due = due_params(limits.now, limits.grace)
         evicted: list[str] = []
-        scopes: list[tuple[str, int, tuple[Any, ...]]] = [
-            ("global", limits.max_sessions, ()),
-            (f"principal {principal!r}", limits.max_per_principal, (principal,)),
-        ]
-        for scope, limit, who in scopes:
+        for scope, limit, who in _scopes(principal, limits):
             count_sql = sql.count_live_principal if who else sql.count_live
             victim_sql = sql.evict_victim_principal if who else sql.evict_victim
             while True:
@@ -103,6 +99,21 @@ class Operations:
                 )
                 evicted.append(str(victim[0]))
         return evicted
+
+    def check_room(self, cur: Any, *, principal: str, limits: Limits) -> None:
+        """Raise LimitExceeded if an open would be refused now (a read: no lock, no eviction)."""
+        sql = self._sql
+        due = due_params(limits.now, limits.grace)
+        for scope, limit, who in _scopes(principal, limits):
+            cur.execute(sql.count_live_principal if who else sql.count_live, (*who, *due, limit))
+            if int(_one(cur)[0]) < limit:
+                continue
+            if limits.evict_before is not None:
+                victim_sql = sql.evict_victim_principal if who else sql.evict_victim
+                cur.execute(victim_sql, (*who, limits.evict_before, limits.instance, *due))
+                if _one(cur) is not None:
+                    continue  # the insert will make room
+            raise limits.exceeded(scope, limit)
 
     def load(
         self, cur: Any, *, key: str, by_hash: bool, known_version: int | None
@@ -340,6 +351,14 @@ class Operations:
             )
             for session_id, kind, instance, until in sorted(cur.fetchall(), key=_by_first)
         ]
+
+
+def _scopes(principal: str, limits: Limits) -> list[tuple[str, int, tuple[Any, ...]]]:
+    """(scope name, limit, the principal as a parameter or nothing), global first."""
+    return [
+        ("global", limits.max_sessions, ()),
+        (f"principal {principal!r}", limits.max_per_principal, (principal,)),
+    ]
 
 
 def _by_id(touch: Touch) -> str:

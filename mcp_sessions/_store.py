@@ -309,6 +309,11 @@ class SessionStore(Protocol):
         sessions evicted to make room.
         """
 
+    async def check_room(self, principal: str, limits: Limits) -> None:
+        """Raise :class:`LimitExceeded` if opening a session of ``principal`` would be
+        refused now. A read, without a lock: :meth:`create` checks again, atomically;
+        this spares a refused open its setup."""
+
     async def load(
         self, session_id: str, *, known_version: int | None = None
     ) -> SessionRecord | None:
@@ -518,6 +523,15 @@ class MemoryStore:
         if record.handle_hash is not None:
             self._by_hash[record.handle_hash] = record.id
         return evicted
+
+    async def check_room(self, principal: str, limits: Limits) -> None:
+        await trio.lowlevel.checkpoint()
+        self._count("check_room")
+        before = dict(self._records)
+        try:
+            self._make_room(principal, limits)
+        finally:
+            self._records = before  # a read: evictions are only rehearsed
 
     def _make_room(self, principal: str, limits: Limits) -> list[str]:
         """Check (and under evict_idle, make) room for one more session; see :class:`Limits`."""

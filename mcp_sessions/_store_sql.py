@@ -234,6 +234,10 @@ class SQLStoreBase:
                 raise StoreError(f"duplicate session {record.id}") from None
             raise
 
+    async def check_room(self, principal: str, limits: Limits) -> None:
+        fn = partial(self._ops.check_room, principal=principal, limits=limits)
+        await self._read("check_room", fn)
+
     async def load(
         self, session_id: str, *, known_version: int | None = None
     ) -> SessionRecord | None:

@@ -279,6 +279,7 @@ class Supervisor:
             if size > self.settings.max_metadata_bytes:
                 raise MetadataTooLarge(size, self.settings.max_metadata_bytes)
         await self._admit(principal)
+        await self._sync.check_room(principal)  # the store's count, before any setup runs
         now = trio.current_time()
         session = Session(
             self,

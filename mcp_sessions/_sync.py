@@ -104,6 +104,10 @@ class StoreSync(Protocol):
         """The background tasks to run in the supervisor's nursery."""
         ...
 
+    async def check_room(self, principal: str) -> None:
+        """Raise LimitExceeded if the store would refuse a new session now (before setup)."""
+        ...
+
     async def created(self, session: Session, *, ready: bool) -> None:
         """Record a new session (committed on return); raises if it cannot."""
         ...
@@ -219,6 +223,9 @@ class LocalSync(_Base):
 
     def tasks(self) -> Sequence[Task]:
         return ()
+
+    async def check_room(self, principal: str) -> None:
+        pass
 
     async def created(self, session: Session, *, ready: bool) -> None:
         pass

@@ -395,6 +395,9 @@ class DurableSync(_Base):
 
     # -- opening ---------------------------------------------------------------------
 
+    async def check_room(self, principal: str) -> None:
+        await self._call(self._store.check_room(principal, self._limits(self._clock.wall())))
+
     async def created(self, session: Session, *, ready: bool) -> None:
         instance = self.instance.id if session.kind is SessionKind.CONNECTION else None
         record = record_of(session, self._clock, ready=ready, instance=instance)

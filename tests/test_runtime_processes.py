@@ -17,10 +17,12 @@ import trio
 import trio.testing
 
 from mcp_sessions import (
+    Hooks,
     InstanceRecord,
     LimitExceeded,
     LimitPolicy,
     MetadataTooLarge,
+    Session,
     SessionClosed,
     SessionKind,
     SessionState,
@@ -501,3 +503,25 @@ async def test_a_reaped_process_checks_its_connections_until_it_can(
         await trio.sleep(SETTINGS.instance_lease / 2)
         assert not conn.live
         assert conn.reason is R.DISCONNECTED
+
+
+async def test_an_open_the_store_refuses_runs_no_setup(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    calls: list[str] = []
+
+    async def setup(session: Session) -> None:
+        calls.append("setup")  # a browser started, a sandbox allocated...
+
+    store = DurableMemoryStore()
+    settings = Settings.from_mapping({**SETTINGS.to_mapping(), "max_sessions_per_principal": 1})
+    hooks = Hooks(setup=setup)
+    async with (
+        process(store, settings) as a,
+        open_supervisor(settings, store=store, hooks=hooks, wall_clock=SteppingWall()) as b,
+    ):
+        await a.open_handle_session(principal="p")
+        with pytest.raises(LimitExceeded):
+            await b.open_handle_session(principal="p")
+        assert calls == []
+        assert sum(b.statistics().created.values()) == 0
