@@ -207,7 +207,15 @@ class Operations:
         cur.executemany(
             self._sql.touch,
             [
-                (future_bound(t.now), t.last_active, t.last_active, t.requests, t.errors, t.id)
+                (
+                    future_bound(t.now),
+                    t.last_active,
+                    t.last_active,
+                    t.requests,
+                    t.errors,
+                    t.expires_at,
+                    t.id,
+                )
                 for t in sorted(touches, key=_by_id)
             ],
         )

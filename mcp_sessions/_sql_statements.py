@@ -42,7 +42,7 @@ class Statements:
     patch_read: str
     #: doc, version, future_bound(at), at, at, id.
     patch_write: str
-    #: future_bound(now), last_active, last_active, requests, errors, id.
+    #: future_bound(now), last_active, last_active, requests, errors, expires_at or NULL, id.
     touch: str
     #: principal -> rows of COLUMNS, live only, oldest first.
     list_live: str
@@ -150,7 +150,8 @@ class Statements:
             ),
             touch=d.q(
                 f"UPDATE sessions SET last_active = {later}, "
-                f"requests = requests + %s, errors = errors + %s "
+                f"requests = requests + %s, errors = errors + %s, "
+                "expires_at = COALESCE(%s, expires_at) "
                 f"WHERE id = %s AND state <> '{TERMINATED}'"
             ),
             list_live=d.q(

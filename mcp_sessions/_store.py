@@ -181,6 +181,9 @@ class Touch:
     requests: int = 0
     errors: int = 0
     now: float | None = None
+    #: A new absolute deadline: the writer's wall clock stepped, and the session's
+    #: lifetime (elapsed time since it opened) is written again in the new wall time.
+    expires_at: float | None = None
 
 
 #: How far in a writer's future a stored ``last_active`` may be before it counts
@@ -856,6 +859,7 @@ def _apply_touch(record: SessionRecord, touch: Touch) -> SessionRecord:
         last_active=later_use(record.last_active, touch.last_active, touch.now),
         requests=record.requests + touch.requests,
         errors=record.errors + touch.errors,
+        expires_at=record.expires_at if touch.expires_at is None else touch.expires_at,
     )
 
 

@@ -76,6 +76,7 @@ class _Stored:
         "flushed_requests",
         "known_active",
         "ready_written",
+        "reframe",
     )
 
     def __init__(
@@ -103,6 +104,8 @@ class _Stored:
         #: The latest ``last_active`` this process wrote or read for it: a later
         #: one in the store is someone else's use.
         self.known_active = known_active
+        #: The wall clock stepped: the next touch writes its lifetime again too.
+        self.reframe = False
 
 
 def _stored(session: Session) -> _Stored | None:
@@ -184,14 +187,16 @@ class ActivityWriter:
         requests = session.requests + (session.in_flight if final else 0)
         # A final touch in flight may have credited requests still running.
         requests = max(requests, st.flushed_requests)
-        now = self._clock.wall()
+        now, trio_now = self._clock.wall(), trio.current_time()
         touch = Touch(
             session.id,
-            now - (trio.current_time() - last),
+            now - (trio_now - last),
             requests - st.flushed_requests,
             session.errors - st.flushed_errors,
             now,
+            now + (session.lifetime_end - trio_now) if st.reframe else None,
         )
+        st.reframe = False
         st.known_active = max(st.known_active, touch.last_active)
         st.flushed_requests = requests
         st.flushed_errors = session.errors
@@ -200,6 +205,7 @@ class ActivityWriter:
     def give_back(self, session: Session, st: _Stored, touch: Touch) -> None:
         st.flushed_requests -= touch.requests
         st.flushed_errors -= touch.errors
+        st.reframe = st.reframe or touch.expires_at is not None
         if session.live:
             self._dirty[session] = None
 
@@ -344,6 +350,7 @@ class DurableSync(_Base):
             st = _stored(session)
             if st is not None:
                 st.known_active = -math.inf
+                st.reframe = True
         self._stepped_at = trio.current_time()
         self._activity.rewrite_all(self._registry)
 

@@ -525,3 +525,26 @@ async def test_an_open_the_store_refuses_runs_no_setup(
             await b.open_handle_session(principal="p")
         assert calls == []
         assert sum(b.statistics().created.values()) == 0
+
+
+async def test_a_forward_step_does_not_shorten_the_lifetime_of_a_held_session(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = DurableMemoryStore()
+    wall = SteppingWall()
+    settings = Settings.from_mapping(
+        {**SETTINGS.to_mapping(), "max_lifetime": 7200, "idle_timeout": 600}
+    )
+    async with process(store, settings, wall=wall) as a:
+        session, _ = await a.open_handle_session(principal="p")
+        for _ in range(23):  # used every 5 minutes; the clock steps an hour and more at 30 min
+            await trio.sleep(300)
+            if trio.current_time() > 1800 and wall.offset == EPOCH:
+                wall.step(6000)
+            async with a.request(session):
+                pass
+        assert session.live
+        assert (await stored(store, session.id)).live
+        await a.wait_terminated(session)
+        assert session.reason is R.LIFETIME_EXCEEDED
+        assert trio.current_time() == pytest.approx(7200, abs=SETTINGS.cleanup_interval + 0.01)
