@@ -119,6 +119,14 @@ class Lifecycle:
         if session._state in LIVE_STATES:
             self._schedule.ensure_by(session.id, self.next_deadline(session))
 
+    def time_lost(self, session: Session, seconds: float) -> None:
+        """The machine slept ``seconds`` that trio's clock did not count: the session's
+        local times (last use, idle since, lifetime end) are that much longer ago."""
+        session.lifetime_end -= seconds
+        session._last_active -= seconds
+        session._idle_since -= seconds
+        self.reschedule(session)
+
     def used_elsewhere(self, session: Session, at: float) -> None:
         """Another process used the session at ``at``: an IDLE one's idle clock restarts then."""
         if session._state is _S.IDLE and at > session._idle_since:

@@ -726,7 +726,8 @@ class MemoryStore:
             return []
         if holder is not None:
             held = self._sweep_lease
-            if held is not None and held[0] != holder and held[1] > now:
+            # (a lease ending beyond a whole lease from now predates a backward step)
+            if held is not None and held[0] != holder and now < held[1] <= now + lease:
                 return []  # another process sweeps this interval
             self._sweep_lease = (holder, now + lease)
         self._writes += 1

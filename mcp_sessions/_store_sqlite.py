@@ -303,11 +303,14 @@ class SQLiteStore(SQLStoreBase):
         reader: sqlite3.Connection | None = None
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            mode = self._retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone())
-            if mode is None or str(mode[0]).lower() != "wal":
-                raise StoreUnavailable(
-                    f"sqlite store {self.path}: cannot use WAL journal mode (got {mode!r})"
+            if migrate:  # (a check changes nothing, the journal mode included)
+                mode = self._retry_locked(
+                    lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone()
                 )
+                if mode is None or str(mode[0]).lower() != "wal":
+                    raise StoreUnavailable(
+                        f"sqlite store {self.path}: cannot use WAL journal mode (got {mode!r})"
+                    )
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
             if migrate:
                 generation = self._retry_locked(lambda: self._migrate(conn))

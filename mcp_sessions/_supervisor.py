@@ -171,6 +171,7 @@ class Supervisor:
             clock=clock,
             interval=settings.cleanup_interval,
         )
+        clock.on_suspend(self._slept)
         self._nursery: trio.Nursery | None = None
         self._admitting = False
         self._stopping = False
@@ -280,6 +281,8 @@ class Supervisor:
                 raise MetadataTooLarge(size, self.settings.max_metadata_bytes)
         await self._admit(principal)
         await self._sync.check_room(principal)  # the store's count, before any setup runs
+        if not self._admitting:  # (a shutdown began while the store answered)
+            raise ShuttingDown()
         now = trio.current_time()
         session = Session(
             self,
@@ -651,6 +654,10 @@ class Supervisor:
                 f"session {session.id} failed during {hook} and was closed ({reason})"
             )
         return gone(session.id, session.reason)
+
+    def _slept(self, seconds: float) -> None:
+        for session in self._registry:
+            self._lifecycle.time_lost(session, seconds)
 
     def _on_terminating(self, session: Session) -> None:
         self._tasks.stop(session)

@@ -53,6 +53,7 @@ from ._store import (
     StoreHealth,
     StoreUnavailable,
     Touch,
+    future_bound,
 )
 from ._sync import Task, _Base, _patch_here, record_of
 
@@ -351,7 +352,8 @@ class DurableSync(_Base):
             if st is not None:
                 st.known_active = -math.inf
                 st.reframe = True
-        self._stepped_at = trio.current_time()
+        if not self._settling():  # steps in a row do not hold the window open
+            self._stepped_at = trio.current_time()
         self._activity.rewrite_all(self._registry)
 
     def _settling(self) -> bool:
@@ -379,7 +381,9 @@ class DurableSync(_Base):
 
     def _limits(self, now: float) -> Limits:
         settings = self._settings
-        evict = settings.limit_policy is LimitPolicy.EVICT_IDLE
+        self._clock.check_step()
+        # Eviction judges idleness by stored times: not while they may predate a step.
+        evict = settings.limit_policy is LimitPolicy.EVICT_IDLE and not self._settling()
         return Limits(
             max_sessions=settings.max_sessions,
             max_per_principal=settings.max_sessions_per_principal,
@@ -528,6 +532,7 @@ class DurableSync(_Base):
 
     def _due(self, record: SessionRecord, local: Session | None) -> TerminationReason | None:
         """Whether a live stored session is due now, counting this process's own unwritten use."""
+        self._clock.check_step()
         now = self._clock.wall()
         last_active = record.last_active
         if local is not None and local.live:
@@ -560,6 +565,9 @@ class DurableSync(_Base):
         if st is not None:
             if record.last_active <= st.known_active:
                 return  # no use but ours (whatever the wall clock did since)
+            bound = future_bound(self._clock.wall())
+            if bound is not None and record.last_active > bound:
+                return  # written before the wall clock stepped back: nobody's use now
             st.known_active = record.last_active
         elsewhere = min(self._clock.trio_at(record.last_active), trio.current_time())
         Requests.saw_activity(session, elsewhere)

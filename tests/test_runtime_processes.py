@@ -27,6 +27,7 @@ from mcp_sessions import (
     SessionKind,
     SessionState,
     Settings,
+    ShuttingDown,
     StateTooLarge,
     Supervisor,
     TerminationReason,
@@ -548,3 +549,63 @@ async def test_a_forward_step_does_not_shorten_the_lifetime_of_a_held_session(
         await a.wait_terminated(session)
         assert session.reason is R.LIFETIME_EXCEEDED
         assert trio.current_time() == pytest.approx(7200, abs=SETTINGS.cleanup_interval + 0.01)
+
+
+@pytest.mark.parametrize("durable", [True, False])
+async def test_a_suspend_counts_as_time_that_passed(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, durable: bool
+) -> None:
+    # A laptop sleeps an hour: trio's (monotonic) clock stops, the wall clock and the
+    # boot clock do not. A session idle through it is idle; it is not a clock step.
+    wall = SteppingWall()
+    monkeypatch.setattr("mcp_sessions._clock.boot_clock", wall)
+    store = DurableMemoryStore() if durable else None
+    settings = Settings.from_mapping({**SETTINGS.to_mapping(), "max_lifetime": 7200})
+    async with open_supervisor(settings, store=store, wall_clock=wall) as sup:
+        idle, _ = await sup.open_handle_session(principal="p")
+        busy, _ = await sup.open_handle_session(principal="p", idle_timeout=8000)
+        await trio.sleep(10)
+        wall.step(3600)
+        await trio.sleep(2 * SETTINGS.cleanup_interval)  # noticed at the next scanner tick
+        assert idle.state in {S.TERMINATING, S.TERMINATED}
+        assert idle.reason is R.IDLE_TIMEOUT
+        assert busy.live  # within its (long) idle timeout, counting the night
+        await sup.wait_terminated(busy)  # and its lifetime counts the night too
+        assert busy.reason is R.LIFETIME_EXCEEDED
+        assert trio.current_time() <= 7200 - 3600 + 2 * SETTINGS.cleanup_interval + 1e-6
+
+
+class SlowRoomCheck(DurableMemoryStore):
+    async def check_room(self, principal: str, limits: Any) -> None:
+        await trio.sleep(1)  # a round trip, a lock wait...
+        await super().check_room(principal, limits)
+
+
+async def test_an_open_racing_a_shutdown_is_refused_and_does_not_hold_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def teardown(session: Session, reason: Any) -> None:
+        await trio.sleep(2)  # an existing session takes a while to tear down
+
+    store = SlowRoomCheck()
+    got: dict[str, Any] = {}
+    sup = Supervisor(
+        SETTINGS, store=store, hooks=Hooks(teardown=teardown), wall_clock=SteppingWall()
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await sup.open_handle_session(principal="p")
+
+        async def opener() -> None:
+            try:
+                got["session"] = await sup.open_handle_session(principal="p")
+            except ShuttingDown as exc:
+                got["refused"] = exc
+
+        nursery.start_soon(opener)
+        await trio.sleep(0.1)
+        started = trio.current_time()
+        await sup.shutdown()
+        assert trio.current_time() - started < 5
+    assert "refused" in got
+    assert sup.live_count == 0
