@@ -6,13 +6,19 @@ Theory of operation
 See :mod:`mcp_sessions._sync` for the protocol and the store path. Here:
 
 - :class:`DurableSync` is the one writer of a session's document, version
-  and ``_sync`` record (a :class:`_Stored`: what the store knows of it). It
-  owns two of the supervisor's store tasks: the reconciler (confirms with
-  the store what the scanner found due) and the sweeper (ends what nobody
-  has loaded, purges old records).
-- :class:`ActivityWriter` owns the third, the flusher, and the sets of
-  sessions whose activity or "ready" is not written yet.
-- :class:`~mcp_sessions._instances.InstanceLease` owns the fourth: this
+  and ``_sync`` record (a :class:`~mcp_sessions._sync_stored._Stored`: what
+  the store knows of it). It owns the components below, hands each what it
+  works with, and delegates the supervisor's four store tasks to them.
+- :class:`ActivityWriter` owns the flusher task, and the sets of sessions
+  whose activity or "ready" is not written yet.
+- :mod:`mcp_sessions._sync_expiry` holds the expiry jobs: the
+  :class:`~mcp_sessions._sync_expiry.Reconciler` owns the reconciler task
+  (confirms with the store what the scanner found due), the
+  :class:`~mcp_sessions._sync_expiry.Sweeper` the sweeper task (ends what
+  nobody has loaded, purges old records), and the
+  :class:`~mcp_sessions._sync_expiry.SettlingWindow` the reaction to a
+  wall-clock step.
+- :class:`~mcp_sessions._instances.InstanceLease` owns the lease task: this
   process's lease, and the reaping of connection sessions left by processes
   whose lease lapsed.
 
@@ -22,13 +28,14 @@ a session idle-due here, the reconciler asks the store to end it unless a
 later use was written than the last one this process knows of
 (``unchanged_since``), so a wall-clock step can neither end it early nor keep
 it past its bound. When the clock steps, every session held here is marked
-for its activity to be rewritten in the new wall time at once.
+for its activity to be rewritten in the new wall time at once, and for a
+settling window nothing is idled out on stored times (see
+:mod:`mcp_sessions._sync_expiry`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -56,62 +63,14 @@ from ._store import (
     future_bound,
 )
 from ._sync import Task, _Base, _patch_here, record_of
+from ._sync_expiry import Reconciler, SettlingWindow, Sweeper
+from ._sync_stored import _Stored, _stored
 
 __all__ = ["ActivityWriter", "DurableSync"]
 
 logger = logging.getLogger("mcp_sessions")
 _T = TypeVar("_T")
 _S = SessionState
-
-
-class _Stored:
-    """What the store knows of one session (``Session._sync`` under :class:`DurableSync`)."""
-
-    __slots__ = (
-        "closing",
-        "creating",
-        "doubts",
-        "end_written",
-        "epoch",
-        "flushed_errors",
-        "flushed_requests",
-        "known_active",
-        "ready_written",
-        "reframe",
-    )
-
-    def __init__(
-        self, *, requests: int = 0, errors: int = 0, ready: bool = True, known_active: float = 0.0
-    ) -> None:
-        #: Set while one caller writes a close; the others wait for it.
-        self.closing: trio.Event | None = None
-        #: Set while the record is being inserted; patches wait for it.
-        self.creating: trio.Event | None = None
-        #: Writes of ours whose outcome is unknown (given up on, or conflicting):
-        #: a resolve that read the store before one of them must not vouch for
-        #: our copy.
-        self.doubts = 0
-        #: The store already has this session's end.
-        self.end_written = False
-        #: The store's change epoch when the session was last checked against it;
-        #: ``None`` (read the store on next use) until checked, and whenever a
-        #: write's outcome is unknown.
-        self.epoch: int | None = None
-        #: Counters as last written.
-        self.flushed_requests = requests
-        self.flushed_errors = errors
-        #: Its record is past ``initializing``.
-        self.ready_written = ready
-        #: The latest ``last_active`` this process wrote or read for it: a later
-        #: one in the store is someone else's use.
-        self.known_active = known_active
-        #: The wall clock stepped: the next touch writes its lifetime again too.
-        self.reframe = False
-
-
-def _stored(session: Session) -> _Stored | None:
-    st = session._sync
-    return st if isinstance(st, _Stored) else None
 
 
 class ActivityWriter:
@@ -294,8 +253,15 @@ class DurableSync(_Base):
         #: at most a quarter of each session's idle timeout (see _expiry).
         self.idle_grace = settings.touch_interval if store.durable else 0.0
         self._activity = ActivityWriter(store, clock, settings.touch_interval, self._call)
-        self._expiring: dict[Session, None] = {}  # due here; the store must confirm (in order)
-        self._wake_reconciler = trio.Event()
+        self._reconciler = Reconciler(
+            store,
+            lifecycle=lifecycle,
+            metrics=metrics,
+            clock=clock,
+            grace=self.idle_grace,
+            call=self._call,
+            take_in=self._take_in,
+        )
         self.instance = InstanceLease(
             store,
             clock,
@@ -304,8 +270,23 @@ class DurableSync(_Base):
             reaped=self._reaped,
             lost=self._check_connections,
         )
-        self._stepped_at = -math.inf
-        clock.on_step(self._clock_stepped)
+        self._window = SettlingWindow(
+            registry=registry, settings=settings, rewrite=self._activity.rewrite_all
+        )
+        self._sweeper = Sweeper(
+            store,
+            registry=registry,
+            metrics=metrics,
+            clock=clock,
+            settings=settings,
+            grace=self.idle_grace,
+            instance=self.instance,
+            window=self._window,
+            flush=self._activity.flush,
+            call=self._call,
+            ended_elsewhere=self._ended_elsewhere,
+        )
+        clock.on_step(self._window.stepped)
 
     @property
     def store(self) -> SessionStore:
@@ -336,32 +317,10 @@ class DurableSync(_Base):
     def tasks(self) -> Sequence[Task]:
         return (
             ("mcp_sessions.store.flusher", self._activity.run),
-            ("mcp_sessions.store.reconciler", self._reconciler),
-            ("mcp_sessions.store.sweeper", self._sweeper),
+            ("mcp_sessions.store.reconciler", self._reconciler.run),
+            ("mcp_sessions.store.sweeper", self._sweeper.run),
             ("mcp_sessions.store.lease", self.instance.run),
         )
-
-    def _clock_stepped(self, step: float) -> None:
-        # What we knew of the store's times is in the old wall time (or, learnt since
-        # the step and before we noticed it, in the new one: we cannot tell), so it
-        # is forgotten; our sessions' last use is written again in the new wall time
-        # at once, and until every process sharing the store has had time to do the
-        # same, nothing is idled out on stored times (see _settling).
-        for session in self._registry:
-            st = _stored(session)
-            if st is not None:
-                st.known_active = -math.inf
-                st.reframe = True
-        if not self._settling():  # steps in a row do not hold the window open
-            self._stepped_at = trio.current_time()
-        self._activity.rewrite_all(self._registry)
-
-    def _settling(self) -> bool:
-        """Whether the wall clock stepped too recently to judge idleness by stored times:
-        other processes may not have noticed yet, nor rewritten their sessions' use."""
-        settings = self._settings
-        window = settings.cleanup_interval + 2 * settings.touch_interval
-        return trio.current_time() < self._stepped_at + window
 
     def _reaped(self, session_ids: list[str]) -> None:
         for session_id in session_ids:
@@ -383,7 +342,7 @@ class DurableSync(_Base):
         settings = self._settings
         self._clock.check_step()
         # Eviction judges idleness by stored times: not while they may predate a step.
-        evict = settings.limit_policy is LimitPolicy.EVICT_IDLE and not self._settling()
+        evict = settings.limit_policy is LimitPolicy.EVICT_IDLE and not self._window.settling()
         return Limits(
             max_sessions=settings.max_sessions,
             max_per_principal=settings.max_sessions_per_principal,
@@ -546,7 +505,7 @@ class DurableSync(_Base):
             idle_timeout=record.idle_timeout,
             grace=self.idle_grace,
         )
-        if reason is TerminationReason.IDLE_TIMEOUT and self._settling():
+        if reason is TerminationReason.IDLE_TIMEOUT and self._window.settling():
             return None  # stored times may still be in the old wall time
         return reason
 
@@ -676,94 +635,13 @@ class DurableSync(_Base):
                 logger.warning("could not record the end of session %s: %s", session.id, exc,
                                extra={"session_id": session.id})  # fmt: skip
 
-    # -- expiry ----------------------------------------------------------------------
+    # -- expiry (the reconciler: mcp_sessions._sync_expiry) --------------------------
 
     def confirm_expiry(self, session: Session) -> bool:
-        st = _stored(session)
-        if st is None or st.end_written:
-            return True
-        self._expiring[session] = None
-        self._wake_reconciler.set()
-        return False
+        return self._reconciler.confirm_expiry(session)
 
     def confirming(self, session: Session) -> bool:
-        return session in self._expiring
-
-    async def _reconciler(self) -> None:
-        """Confirm expiries with the store, which knows about use in other processes."""
-        while True:
-            if not self._expiring:
-                await self._wake_reconciler.wait()
-                self._wake_reconciler = trio.Event()
-            while self._expiring:
-                session = next(iter(self._expiring))
-                if session.live:
-                    await self._reconcile(session)
-                    self._lifecycle.reschedule(session)  # never left unscheduled
-                self._expiring.pop(session, None)
-
-    async def _reconcile(self, session: Session) -> None:
-        local = self._lifecycle.due(session, trio.current_time())
-        if local is None:
-            return
-        st = _stored(session)
-        assert st is not None
-        store = self._store
-        # Idle here by trio's clock: the store ends it unless someone else's later
-        # use was written (a wall-clock comparison alone would trust a stepped clock).
-        unchanged_since = st.known_active if local is TerminationReason.IDLE_TIMEOUT else None
-        try:
-            reason = await self._call(
-                store.expire(
-                    session.id,
-                    self._clock.wall(),
-                    grace=self.idle_grace,
-                    unchanged_since=unchanged_since,
-                )
-            )
-            if reason is None:
-                record = await self._call(store.load(session.id))
-                if record is not None and record.live:
-                    self._take_in(session, record)  # used elsewhere meanwhile: wait again
-                    return
-                reason = record.termination_reason if record is not None else local
-            st.end_written = True
-        except Exception as exc:
-            if not isinstance(exc, StoreUnavailable):
-                self._metrics.cleanup_errors += 1
-                logger.exception("cleanup failed for session %s", session.id,
-                                 extra={"session_id": session.id})  # fmt: skip
-            # The store could not confirm. If it is still due here, end it here;
-            # the store's sweep ends the record when it can.
-            reason = self._lifecycle.due(session, trio.current_time())
-            if reason is None:
-                return
-        if session.live:
-            self._lifecycle.end_as_told(session, reason or local)
-
-    async def _sweeper(self) -> None:
-        """End stored sessions whose deadline passed (opened anywhere); purge old records."""
-        store, interval = self._store, self._settings.sweep_interval
-        while True:
-            await trio.sleep(interval)
-            try:
-                self._clock.check_step()  # a step rewrites our sessions' use first
-                if self._settling():
-                    continue  # others may still hold pre-step times: sweep next time
-                await self._activity.flush()  # our own recent use first
-                now = self._clock.wall()
-                # One process sweeps per interval: the holder of the sweep lease.
-                ended = await self._call(
-                    store.sweep(now, grace=self.idle_grace, holder=self.instance.id, lease=interval)
-                )
-                for session_id, reason in ended:
-                    session = self._registry.get(session_id)
-                    if session is not None and session.live:
-                        self._ended_elsewhere(session, reason)
-                await self._call(store.purge(now - self._settings.tombstone_retention))
-            except Exception as exc:
-                self._metrics.cleanup_errors += 1
-                logger.warning("store sweep failed: %s", exc)
+        return self._reconciler.confirming(session)
 
     # -- reading ---------------------------------------------------------------------
 

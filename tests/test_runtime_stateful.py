@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -374,8 +375,16 @@ class StoredSupervisorMachine(SupervisorMachine):
                 elif session.state is S.TERMINATED and session.reason is not R.SHUTDOWN:
                     assert not record.live
                     assert record.reason == session.reason.value  # type: ignore[union-attr]
-                elif session.state is S.TERMINATED and session.kind is SessionKind.HANDLE:
-                    assert record.live  # kept across a shutdown, to resume
+                elif (
+                    session.state is S.TERMINATED
+                    and session.kind is SessionKind.HANDLE
+                    and not record.live
+                ):
+                    # Kept across a shutdown, to resume; unless a sweep (the runtime's
+                    # own, while it shut down) found a deadline passed since.
+                    assert record.terminated_at is not None
+                    kept = attrs.evolve(record, state="idle", reason=None)
+                    assert kept.due(record.terminated_at, grace=self.supervisor.idle_grace)
 
         trio.from_thread.run(check, trio_token=self.token)
 
