@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._errors import (
+    InvalidArguments,
     InvalidTransition,
     LimitExceeded,
     MetadataTooLarge,
@@ -73,6 +74,7 @@ __all__ = [
     "HistogramSnapshot",
     "Hooks",
     "InstanceRecord",
+    "InvalidArguments",
     "InvalidTransition",
     "LimitExceeded",
     "LimitPolicy",

@@ -144,17 +144,38 @@ def _missing_sqlite_file(store: SessionStore) -> bool:
 
 
 async def _list(args: argparse.Namespace, store: SessionStore) -> int:
+    limit: int = args.limit  # 0: all
     if args.principal:
         records = await store.list_by_principal(args.principal, include_terminated=args.all)
-        records = records[-args.limit :]
+        records = records[-limit:] if limit else records
     else:
-        records = [r for r in await store.list_recent(args.limit) if args.all or r.live]
+        records = await _recent(store, limit, include_terminated=args.all)
     if args.json:
         print(json.dumps([_summary(r) for r in records], indent=2, sort_keys=True))
-    else:
+    elif records:
         for r in records:
             print(_line(r))
+    else:
+        print("(no sessions)" if args.all else "(no live sessions)")
     return 0
+
+
+async def _recent(
+    store: SessionStore, limit: int, *, include_terminated: bool
+) -> list[SessionRecord]:
+    """The ``limit`` (0: all) most recently active sessions, live ones only unless asked.
+
+    ``list_recent`` cannot filter, so the terminated rows among the newest would
+    crowd out the live ones: ask for twice as many until enough are live or the
+    store has no more.
+    """
+    fetch = limit if limit else 100
+    while True:
+        rows = await store.list_recent(fetch)
+        found = [r for r in rows if include_terminated or r.live]
+        if (limit and len(found) >= limit) or len(rows) < fetch:
+            return found[:limit] if limit else found
+        fetch *= 2
 
 
 async def _close(args: argparse.Namespace, store: SessionStore) -> int:

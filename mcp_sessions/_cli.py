@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from . import __version__
 from ._errors import SettingsError
 from ._server import CorrelationFilter, run_stdio
 from ._settings import Settings
@@ -63,11 +64,39 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(_ENV + name, default)
 
 
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_FORMATS = ("text", "json")
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {number}")
+    return number
+
+
+def _check_environment_choices(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Environment defaults bypass argparse's ``choices``: check what came from there."""
+    for dest, name, choices in (
+        ("log_level", "LOG_LEVEL", _LOG_LEVELS),
+        ("log_format", "LOG_FORMAT", _LOG_FORMATS),
+    ):
+        value = getattr(args, dest)
+        if value not in choices:
+            parser.error(
+                f"{_ENV}{name}: invalid choice {value!r} (choose from {', '.join(choices)})"
+            )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mcp-sessions",
         description="Session management for MCP servers, on Trio.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve",
@@ -110,10 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"longest accepted message in bytes (default {DEFAULT_MAX_MESSAGE_SIZE})")  # fmt: skip
     opt("--principal", default=_env("PRINCIPAL"),
         help="principal owning this connection's sessions (default: the OS user)")  # fmt: skip
-    opt("--log-level", default=_env("LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"], type=str.lower,
+    opt("--log-level", default=_env("LOG_LEVEL", "info"), choices=_LOG_LEVELS, type=str.lower,
         help="log level for stderr (default info)")  # fmt: skip
-    opt("--log-format", default=_env("LOG_FORMAT", "text"), choices=["text", "json"],
+    opt("--log-format", default=_env("LOG_FORMAT", "text"), choices=_LOG_FORMATS, type=str.lower,
         help="log line format on stderr (default text)")  # fmt: skip
 
     status = commands.add_parser(
@@ -146,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--store", default=_env("STORE"), help="store URL (as for serve)")
     listing.add_argument("--principal", help="only this principal's sessions")
     listing.add_argument("--all", action="store_true", help="include terminated sessions")
-    listing.add_argument("--limit", type=int, default=50, help="most sessions shown (default 50)")
+    listing.add_argument("--limit", type=_non_negative_int, default=50,
+                         help="most sessions shown, the most recently active; 0 for all "
+                              "(default 50)")  # fmt: skip
     listing.add_argument("--json", action="store_true", help="print JSON instead of text")
     closing = sessions_commands.add_parser("close", help="terminate a session by its public id")
     closing.add_argument("id", help="the session's public id (s_...)")
@@ -195,8 +225,6 @@ def build_server() -> Any:
     """The built-in server: only the session tools and resources."""
     from mcp.server.mcpserver import MCPServer
 
-    from . import __version__
-
     return MCPServer(
         "mcp-sessions",
         version=__version__,
@@ -214,6 +242,7 @@ def main(argv: Sequence[str] | None = None, *, server: Any = None) -> int:
         from ._admin import run_admin
 
         return run_admin(args, _store_url(args.store))
+    _check_environment_choices(parser, args)
     configure_logging(args.log_level, args.log_format)
     from ._store_url import store_from_url
 

@@ -18,7 +18,9 @@ into a generic tool error without a code. A :class:`SessionError` raised
 through our helpers (:func:`current_session`, :meth:`SessionContext.patch`) is
 also :func:`noted <note>` in a list the layer opened for the call
 (:func:`capture_errors`), and :func:`with_code` puts that error, code and all,
-back on a generic tool error.
+back on a generic tool error. The SDK's own rejection of a built-in tool's
+arguments is likewise a generic tool error (:func:`is_generic_error`); the
+layer replaces it with ``invalid_arguments``.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ __all__ = [
     "capture_errors",
     "current_session",
     "in_session",
+    "is_generic_error",
     "is_tool_error",
     "iso",
     "log_request",
@@ -237,9 +240,14 @@ def note(exc: SessionError) -> SessionError:
 
 def with_code(result: HandlerResult, raised: list[SessionError]) -> HandlerResult:
     """A generic tool error caused by one of our errors becomes that error, with its code."""
-    if raised and is_tool_error(result) and not _structured(result):
+    if raised and is_generic_error(result):
         return tool_error(raised[-1])
     return result
+
+
+def is_generic_error(result: HandlerResult) -> bool:
+    """A tool error without structured content: the SDK's, not one of ours."""
+    return is_tool_error(result) and not _structured(result)
 
 
 def is_tool_error(result: HandlerResult) -> bool:

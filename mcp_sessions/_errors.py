@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from ._state import InvalidTransition, TerminationReason
 
 __all__ = [
+    "InvalidArguments",
     "InvalidTransition",
     "LimitExceeded",
     "MetadataTooLarge",
@@ -174,6 +175,23 @@ class VersionConflict(SessionError):
 
     def details(self) -> dict[str, Any]:
         return {"current_version": self.current}
+
+
+class InvalidArguments(SessionError):
+    """A built-in tool was called with arguments that do not fit its input schema.
+
+    ``arguments`` names the offending arguments (never their values: they are
+    the caller's data).
+    """
+
+    code = "invalid_arguments"
+
+    def __init__(self, message: str, *, arguments: list[str]) -> None:
+        super().__init__(message)
+        self.arguments = arguments
+
+    def details(self) -> dict[str, Any]:
+        return {"arguments": self.arguments}
 
 
 class ShuttingDown(SessionError):

@@ -18,7 +18,9 @@ block exits. For each request on a connection of its own, the layer:
   (a handle, or in the handshake era the connection session when omitted) and
   runs the tool inside that session's request scope, with
   :func:`~mcp_sessions.current_session` set. Failures become tool execution
-  errors with ``{"error": {"code", "message"}}``.
+  errors with ``{"error": {"code", "message"}}``; the SDK's rejection of a
+  built-in tool's arguments becomes ``invalid_arguments`` (user tools keep
+  the SDK's error).
 
 Who owns what: the layer owns its connections (era, connection session) and
 is the only writer of the request context variables in ``_context``; the
@@ -54,6 +56,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from ._context import (
     capture_errors,
     in_session,
+    is_generic_error,
     is_tool_error,
     log_request,
     log_session,
@@ -64,6 +67,7 @@ from ._context import (
 from ._errors import SessionError, SessionNotFound, SessionRequired
 from ._runtime import ClientInfo, Session, SessionKind, Supervisor
 from ._state import SessionState, TerminationReason
+from ._tools import argument_error, is_builtin
 
 __all__ = ["SessionLayer"]
 
@@ -87,16 +91,17 @@ _connection_var: contextvars.ContextVar[_Connection | None] = contextvars.Contex
 
 
 class _SessionParams:
-    """Tool name -> whether it declares a ``session`` parameter, from ``list_tools()``."""
+    """Tool name -> its ``session`` parameter and whether it is built in, from ``list_tools()``."""
 
     def __init__(self, server: MCPServer[Any]) -> None:
         self._server = server
-        self._by_name: dict[str, SessionParam | None] = {}
+        self._by_name: dict[str, tuple[SessionParam | None, bool]] = {}
 
     async def refresh(self) -> None:
         # One new dict, swapped in whole: a lookup never sees half a map.
         self._by_name = {
-            tool.name: _session_param(tool.input_schema) for tool in await self._server.list_tools()
+            tool.name: (_session_param(tool.input_schema), is_builtin(tool))
+            for tool in await self._server.list_tools()
         }
 
     async def lookup(self, name: object) -> SessionParam | None:
@@ -105,7 +110,11 @@ class _SessionParams:
             return None
         if name not in self._by_name:  # a tool added since the last refresh, or no such tool
             await self.refresh()
-        return self._by_name.get(name)
+        return self._by_name.get(name, (None, False))[0]
+
+    def builtin(self, name: object) -> bool:
+        """Whether ``name`` is a built-in session tool (as of the last lookup)."""
+        return isinstance(name, str) and self._by_name.get(name, (None, False))[1]
 
 
 def _session_param(schema: Mapping[str, Any]) -> SessionParam | None:
@@ -187,16 +196,22 @@ class SessionLayer:
         modern: bool,
     ) -> HandlerResult:
         params = ctx.params or {}
+        name, arguments = params.get("name"), params.get("arguments")
         try:
-            session = await self._target(
-                params.get("name"), params.get("arguments"), connection, modern
-            )
+            session = await self._target(name, arguments, connection, modern)
         except SessionError as exc:
             return tool_error(exc)
         with capture_errors() as raised:  # what the tool's body raised, via our helpers
             if session is None:
-                return with_code(await call_next(ctx), raised)
-            return await self._call_in_session(ctx, call_next, session, raised)
+                result = with_code(await call_next(ctx), raised)
+            else:
+                result = await self._call_in_session(ctx, call_next, session, raised)
+        if is_generic_error(result) and self._params.builtin(name):
+            # The SDK rejected the arguments (our tools return their own errors).
+            why = argument_error(str(name), arguments if isinstance(arguments, dict) else None)
+            if why is not None:
+                return tool_error(why)
+        return result
 
     async def _call_in_session(
         self,

@@ -8,7 +8,6 @@ from typing import Any
 
 import attrs
 import cattrs
-from attrs import validators as v
 from cattrs.errors import ClassValidationError
 
 from ._errors import SettingsError
@@ -26,13 +25,45 @@ class LimitPolicy(enum.Enum):
     EVICT_IDLE = "evict_idle"
 
 
-_positive = v.gt(0.0)
-_positive_int = v.gt(0)
+_DAY = 86_400.0
+_YEAR = 365 * _DAY
+
+
+def _within(low: float, high: float, *, zero: bool = False, unit: str = "seconds") -> Any:
+    """A validator for a finite number in ``(low, high]`` (``[low, high]`` with ``zero``).
+
+    NaN and infinities are refused: every setting has a finite, documented range.
+    """
+    opening = "[" if zero else "("
+
+    def check(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+        above = value >= low if zero else value > low
+        if not (above and value <= high):  # (also False for NaN)
+            unit_ = f" {unit}" if unit else ""
+            raise ValueError(
+                f"{attribute.name} must be in {opening}{_n(low)}, {_n(high)}]{unit_}, got {value!r}"
+            )
+
+    return check
+
+
+def _n(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+_positive = _within(0.0, _YEAR)
+_short = _within(0.0, 3600.0)
+_positive_int = _within(0, 10_000_000, unit="")
 
 
 @attrs.frozen(kw_only=True)
 class Settings:
-    """How the session runtime behaves. Times are in seconds."""
+    """How the session runtime behaves. Times are in seconds.
+
+    Every setting has a finite range: durations up to a year (scanner, touch,
+    hook and grace times up to an hour; sweep and lease up to a day), counts up
+    to ten million; NaN and infinity are refused.
+    """
 
     #: A session that stays IDLE this long ends with ``idle_timeout``. Counted
     #: from entering IDLE; a session with requests in flight never idles out.
@@ -50,16 +81,18 @@ class Settings:
     limit_policy: LimitPolicy = LimitPolicy.REJECT
     #: How long a terminated session is remembered, so late use says
     #: "expired"/"closed" rather than "unknown".
-    tombstone_retention: float = attrs.field(default=24 * 3600.0, validator=v.ge(0.0))
+    tombstone_retention: float = attrs.field(
+        default=24 * 3600.0, validator=_within(0.0, _YEAR, zero=True)
+    )
     #: How often the cleanup scanner looks at its deadline schedule. An expired
     #: session ends within one interval of its deadline.
-    cleanup_interval: float = attrs.field(default=1.0, validator=_positive)
+    cleanup_interval: float = attrs.field(default=1.0, validator=_short)
     #: Time allowed for the ``setup`` hook; past it the session ends with ``error``.
-    setup_timeout: float = attrs.field(default=10.0, validator=_positive)
+    setup_timeout: float = attrs.field(default=10.0, validator=_short)
     #: Time allowed for the ``teardown`` hook, which runs shielded from cancellation.
-    teardown_timeout: float = attrs.field(default=10.0, validator=_positive)
+    teardown_timeout: float = attrs.field(default=10.0, validator=_short)
     #: On shutdown, how long in-flight requests may run before they are cancelled.
-    shutdown_grace: float = attrs.field(default=10.0, validator=v.ge(0.0))
+    shutdown_grace: float = attrs.field(default=10.0, validator=_within(0.0, 3600.0, zero=True))
     #: Capacity of the observer event queue; events beyond it are dropped and counted.
     observer_queue_size: int = attrs.field(default=1024, validator=_positive_int)
     #: With a store: how often activity (last active, counters) is written, at
@@ -67,19 +100,23 @@ class Settings:
     #: whose idle timeout is under four intervals is written every quarter of
     #: it). Idle expiry allows ``min(touch_interval, idle_timeout / 4)`` for
     #: use elsewhere not written yet.
-    touch_interval: float = attrs.field(default=5.0, validator=_positive)
+    touch_interval: float = attrs.field(default=5.0, validator=_short)
     #: With a store: how often the store is swept for sessions whose deadline
     #: passed (whoever opened them) and old tombstones are purged.
-    sweep_interval: float = attrs.field(default=60.0, validator=_positive)
+    sweep_interval: float = attrs.field(default=60.0, validator=_within(0.0, _DAY))
     #: With a store: a process that stops renewing its lease (killed, host
     #: down) has its connection sessions ended (``disconnected``) by the
     #: others within this long. Renewed every eighth of it.
-    instance_lease: float = attrs.field(default=30.0, validator=_positive)
+    instance_lease: float = attrs.field(default=30.0, validator=_within(0.0, _DAY))
     #: Largest state document, in bytes of compact JSON; a patch past it is
     #: refused with ``state_too_large`` and nothing is written.
-    max_state_bytes: int = attrs.field(default=1024 * 1024, validator=_positive_int)
+    max_state_bytes: int = attrs.field(
+        default=1024 * 1024, validator=_within(0, 1024**3, unit="bytes")
+    )
     #: Largest session metadata, in bytes of compact JSON (``metadata_too_large``).
-    max_metadata_bytes: int = attrs.field(default=64 * 1024, validator=_positive_int)
+    max_metadata_bytes: int = attrs.field(
+        default=64 * 1024, validator=_within(0, 16 * 1024**2, unit="bytes")
+    )
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Settings:

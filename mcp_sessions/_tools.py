@@ -14,23 +14,33 @@ They own nothing: the supervisor owns the sessions they open, close and
 change. :func:`install_session_tools` registers them through the public
 ``MCPServer.add_tool``, skipping any name the server already lists (a second
 install, or a user's own tool of that name, which wins).
+
+Arguments that do not fit a tool's parameters never reach it: the SDK rejects
+them with a generic tool error (pydantic's text, no code). The layer asks
+:func:`argument_error` to explain such a rejection as ``invalid_arguments``,
+and only for a built-in tool (:func:`is_builtin`): the published input schemas
+stay the SDK's, made from the signatures below.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.tools import Tool
 from mcp_types import CallToolResult
-from pydantic import Field
+from mcp_types import Tool as MCPTool
+from pydantic import Field, ValidationError
 
 from ._context import current_session, iso, served, tool_error, tool_result
-from ._errors import SessionError, gone
+from ._errors import InvalidArguments, SessionError, gone
 from ._runtime import SessionSnapshot
 from ._state import TerminationReason
 from ._store import LIVE, SessionRecord
 
-__all__ = ["SESSION_TOOLS", "install_session_tools"]
+__all__ = ["SESSION_TOOLS", "argument_error", "install_session_tools", "is_builtin"]
 
 _Handle = Annotated[
     str | None,
@@ -155,6 +165,50 @@ async def install_session_tools(server: MCPServer[Any]) -> None:
     for fn in _TOOLS:
         if fn.__name__ not in present:
             server.add_tool(fn, name=fn.__name__, structured_output=False)
+
+
+@functools.cache
+def _reference_tools() -> dict[str, Tool]:
+    """Each built-in tool as ``add_tool`` makes it: its input schema and argument validator."""
+    return {
+        fn.__name__: Tool.from_function(fn, name=fn.__name__, structured_output=False)
+        for fn in _TOOLS
+    }
+
+
+def is_builtin(tool: MCPTool) -> bool:
+    """Whether a listed tool is one of ours (not a user's tool under a built-in name)."""
+    reference = _reference_tools().get(tool.name)
+    return reference is not None and tool.input_schema == reference.parameters
+
+
+def argument_error(name: str, arguments: Mapping[str, Any] | None) -> InvalidArguments | None:
+    """Why ``arguments`` do not fit built-in tool ``name``, or ``None`` if they do.
+
+    Validates exactly as the SDK does before it calls the tool; the message
+    names each offending argument and what is wrong, never the value given.
+    """
+    reference = _reference_tools().get(name)
+    if reference is None:
+        return None
+    try:
+        reference.fn_metadata.validate_arguments(dict(arguments or {}))
+    except ValidationError as exc:
+        problems: list[str] = []
+        names: list[str] = []
+        for err in exc.errors(include_url=False, include_input=False):
+            where = ".".join(str(part) for part in err["loc"]) or "arguments"
+            if err["type"] == "missing":
+                problems.append(f"missing required argument '{where}'")
+            else:
+                problems.append(f"argument '{where}': {err['msg']}")
+            top = str(err["loc"][0]) if err["loc"] else "arguments"
+            if top not in names:
+                names.append(top)
+        return InvalidArguments(
+            f"invalid arguments for {name}: " + "; ".join(problems), arguments=names
+        )
+    return None
 
 
 def _snapshot_times(snap: SessionSnapshot) -> dict[str, Any]:

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
-from mcp_sessions._cli import build_parser, settings_from_args
+import mcp_sessions
+from mcp_sessions._cli import build_parser, main, settings_from_args
+from mcp_sessions._state import TerminationReason
+from mcp_sessions._store_sqlite import SQLiteStore
 
 from .conftest import PYTHON
+from .test_store_contract import T0, record
 from .test_transport import INIT, INITIALIZED, call
 
 OPTIONS = ["--store", "--idle-timeout", "--max-lifetime", "--max-sessions",
@@ -96,3 +102,116 @@ async def test_serve_exits_0_at_once_without_a_client(redirect: str, tmp_path: P
     assert result.returncode == 0, result.stderr
     assert result.stdout == b""
     assert (tmp_path / "mcp-sessions" / "sessions.db").exists()  # the default store
+
+
+@pytest.fixture(autouse=True)
+def _keep_logging() -> Iterator[None]:
+    """``main`` points the root logger at (captured) stderr: put it back afterwards."""
+    root, ours = logging.getLogger(), logging.getLogger("mcp_sessions")
+    handlers, level, our_level = root.handlers[:], root.level, ours.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    ours.setLevel(our_level)
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mcp-sessions {mcp_sessions.__version__}"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("MCP_SESSIONS_LOG_LEVEL", "trace"), ("MCP_SESSIONS_LOG_FORMAT", "xml")],
+)
+def test_bad_logging_environment_is_a_usage_error(
+    variable: str, value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Environment defaults bypass ``choices``: checked all the same, naming the variable."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--store", "memory"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("mcp-sessions: error:")
+    assert variable in last
+    assert repr(value) in last
+    assert "Traceback" not in err
+
+
+def test_logging_environment_is_case_insensitive(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MCP_SESSIONS_LOG_LEVEL", "DEBUG")
+    monkeypatch.setenv("MCP_SESSIONS_LOG_FORMAT", "JSON")
+    args = build_parser().parse_args(["serve"])
+    assert (args.log_level, args.log_format) == ("debug", "json")
+
+
+def _seed(path: Path, *, live: int, ended: int) -> None:
+    """``live`` live sessions, then ``ended`` closed ones, all more recently active."""
+
+    async def seed() -> None:
+        store = SQLiteStore(path)
+        await store.open()
+        try:
+            for i in range(live):
+                await store.create(record(f"s_live{i:03d}", created=T0 + i))
+            for i in range(ended):
+                session_id = f"s_ended{i:03d}"
+                await store.create(record(session_id, created=T0 + 1000 + i))
+                await store.terminate(session_id, TerminationReason.CLOSED, T0 + 1000 + i)
+        finally:
+            await store.aclose()
+
+    trio.run(seed)
+
+
+def _listed(capsys: pytest.CaptureFixture[str], *argv: str) -> list[str]:
+    assert main(["sessions", "list", *argv, "--json"]) == 0
+    return [r["id"] for r in json.loads(capsys.readouterr().out)]
+
+
+def test_sessions_list_shows_the_newest_live_sessions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ended sessions more recent than the live ones do not crowd them out of the limit."""
+    db = tmp_path / "s.db"
+    _seed(db, live=3, ended=120)
+    store = ["--store", f"sqlite:///{db}"]
+    assert _listed(capsys, *store) == ["s_live002", "s_live001", "s_live000"]
+    assert _listed(capsys, *store, "--limit", "2") == ["s_live002", "s_live001"]
+    assert _listed(capsys, *store, "--limit", "0") == ["s_live002", "s_live001", "s_live000"]
+    assert len(_listed(capsys, *store, "--all")) == 50
+    everything = _listed(capsys, *store, "--all", "--limit", "0")
+    assert len(everything) == 123
+    assert everything[0] == "s_ended119"
+    assert main(["sessions", "list", *store]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["s_live002", "s_live001", "s_live000"]
+    assert _listed(capsys, *store, "--principal", "alice", "--limit", "0") == [
+        "s_live000",
+        "s_live001",
+        "s_live002",
+    ]
+
+
+def test_sessions_list_says_when_there_is_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "s.db"
+    _seed(db, live=0, ended=2)
+    store = ["--store", f"sqlite:///{db}"]
+    assert main(["sessions", "list", *store]) == 0
+    assert capsys.readouterr().out.strip() == "(no live sessions)"
+    assert main(["sessions", "list", *store, "--principal", "bob"]) == 0
+    assert capsys.readouterr().out.strip() == "(no live sessions)"
+    assert _listed(capsys, *store) == []
+
+
+def test_sessions_list_rejects_a_negative_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["sessions", "list", "--store", "memory", "--limit", "-1"])
+    assert exc.value.code == 2
+    assert "--limit" in capsys.readouterr().err

@@ -25,6 +25,7 @@ from mcp_sessions import (
     SessionSetupFailed,
     SessionState,
     Settings,
+    SettingsError,
     ShuttingDown,
     Supervisor,
     TerminationReason,
@@ -808,7 +809,7 @@ async def test_a_closed_session_is_released_at_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """Nothing in the runtime keeps an ended session (or its document) alive."""
-    settings = Settings(idle_timeout=1e9, max_lifetime=1e9)
+    settings = Settings(idle_timeout=3e7, max_lifetime=3e7)
     async with open_supervisor(settings) as sup:
         refs = []
         for _ in range(20):
@@ -899,3 +900,22 @@ async def test_background_work_started_later_runs_and_is_cancelled_at_the_end(
         assert sorted(events) == ["start a", "start b", "start c"]
         await sup.close(session)
         assert sorted(events[3:]) == ["stop a", "stop b", "stop c"]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("max_lifetime", float("inf")),
+        ("max_lifetime", 1e308),
+        ("idle_timeout", float("nan")),
+        ("idle_timeout", 0),
+        ("cleanup_interval", 7200),
+        ("max_sessions", 0),
+        ("max_state_bytes", 2**40),
+    ],
+)
+def test_settings_have_finite_ranges(key: str, value: float) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_mapping({key: value})
+    assert key in str(info.value)
+    assert "must be in" in str(info.value)
