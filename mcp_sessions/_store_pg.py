@@ -77,7 +77,9 @@ POSTGRES = Dialect(
     multi_statement=True,
 )
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+# Lower case only: PostgreSQL folds an unquoted name to lower case, so "MySchema"
+# would be one schema in search_path and another where it is quoted.
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
 class _PoolTransactions(Transactions):
@@ -147,7 +149,10 @@ class PostgresStore(SQLStoreBase):
         schema: str | None = None,
     ) -> None:
         if schema is not None and not _IDENT.match(schema):
-            raise ValueError(f"schema must be a plain SQL identifier, not {schema!r}")
+            raise ValueError(
+                "schema must be a plain lower-case SQL identifier (a-z, 0-9 and _, "
+                f"at most 63 characters, not starting with a digit), not {schema!r}"
+            )
         if not 0 <= min_size <= max_size or max_size < 1:
             raise ValueError("need 0 <= min_size <= max_size and max_size >= 1")
         self.dsn = dsn

@@ -215,3 +215,20 @@ def test_sessions_list_rejects_a_negative_limit(capsys: pytest.CaptureFixture[st
         main(["sessions", "list", "--store", "memory", "--limit", "-1"])
     assert exc.value.code == 2
     assert "--limit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["serve", "status"])
+def test_a_mixed_case_postgres_schema_is_a_usage_error(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # PostgreSQL folds unquoted names to lower case: "MySchema" was one schema in
+    # search_path and another where quoted, and serve/status died with a traceback.
+    url = "postgresql://postgres@127.0.0.1:5432/test?schema=MySchema"
+    try:
+        code: object = main([command, "--store", url])
+    except SystemExit as exc:  # serve reports it as a usage error
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "lower-case" in err
+    assert "Traceback" not in err
