@@ -65,6 +65,7 @@ from ._errors import (
 from ._hooks import HookRunner, Hooks, ObserverDispatcher
 from ._invariants import check
 from ._jsonmerge import json_size
+from ._jsonvalue import check_json_value
 from ._lifecycle import Lifecycle
 from ._metrics import RuntimeMetrics, RuntimeStatistics, render_prometheus
 from ._registry import Registry, Tombstone
@@ -269,13 +270,15 @@ class Supervisor:
 
         Raises :class:`LimitExceeded` at a limit (after trying to evict under
         ``LimitPolicy.EVICT_IDLE``; with a store, the limits count every
-        process's sessions, atomically with the insert), :class:`MetadataTooLarge`
+        process's sessions, atomically with the insert), :class:`InvalidArguments`
+        for metadata that is not storable JSON, :class:`MetadataTooLarge`
         past ``max_metadata_bytes``, :class:`ShuttingDown` while stopping,
         :class:`SessionSetupFailed` if ``setup`` failed (the session has then
         ended with ``error``) and :class:`StoreUnavailable` if the store
         could not record it (it has then ended too).
         """
         if metadata:
+            check_json_value(metadata, what="metadata", argument="metadata")
             size = json_size(metadata)
             if size > self.settings.max_metadata_bytes:
                 raise MetadataTooLarge(size, self.settings.max_metadata_bytes)
@@ -395,7 +398,12 @@ class Supervisor:
     async def patch_state(
         self, session: Session, patch: Mapping[str, Any], *, if_version: int | None = None
     ) -> int:
-        """Apply a merge patch to ``session``'s state; see :meth:`Session.patch_state`."""
+        """Apply a merge patch to ``session``'s state; see :meth:`Session.patch_state`.
+
+        A patch that is not storable JSON (see :func:`check_json_value`) raises
+        :class:`InvalidArguments` before any store sees it.
+        """
+        check_json_value(patch, what="state patch", argument="patch")
         return await self._sync.patch(session, patch, if_version)
 
     def start_background(
