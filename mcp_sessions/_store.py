@@ -516,12 +516,15 @@ class MemoryStore:
             raise StoreError(f"duplicate session {record.id}")
         evicted: list[str] = []
         if limits is not None:
-            before = dict(self._records)
-            try:
-                evicted = self._make_room(record.principal, limits)
-            except LimitExceeded:
-                self._records = before  # all or nothing, as in one transaction
-                raise
+            # Decided whole before anything changes: all or nothing, as in one transaction.
+            evicted = self._victims(record.principal, limits)
+            for victim_id in evicted:
+                self._records[victim_id] = attrs.evolve(
+                    self._records[victim_id],
+                    state=TERMINATED,
+                    reason=TerminationReason.EVICTED.value,
+                    terminated_at=limits.now,
+                )
         self._records[record.id] = _frozen_copy(attrs.evolve(record, doc_loaded=True))
         if record.handle_hash is not None:
             self._by_hash[record.handle_hash] = record.id
@@ -530,14 +533,11 @@ class MemoryStore:
     async def check_room(self, principal: str, limits: Limits) -> None:
         await trio.lowlevel.checkpoint()
         self._count("check_room")
-        before = dict(self._records)
-        try:
-            self._make_room(principal, limits)
-        finally:
-            self._records = before  # a read: evictions are only rehearsed
+        self._victims(principal, limits)
 
-    def _make_room(self, principal: str, limits: Limits) -> list[str]:
-        """Check (and under evict_idle, make) room for one more session; see :class:`Limits`."""
+    def _victims(self, principal: str, limits: Limits) -> list[str]:
+        """The sessions to evict to make room for one more (see :class:`Limits`); raises
+        LimitExceeded when there is no room to make. Changes nothing."""
         evicted: list[str] = []
         scopes: list[tuple[str, int, str | None]] = [
             ("global", limits.max_sessions, None),
@@ -549,6 +549,7 @@ class MemoryStore:
                     r
                     for r in self._records.values()
                     if r.live
+                    and r.id not in evicted
                     and (who is None or r.principal == who)
                     and r.due(limits.now, grace=limits.grace) is None
                 ]
@@ -565,12 +566,6 @@ class MemoryStore:
                 if not idle:
                     raise limits.exceeded(scope, limit)
                 victim = min(idle, key=lambda r: (r.last_active, r.id))
-                self._records[victim.id] = attrs.evolve(
-                    victim,
-                    state=TERMINATED,
-                    reason=TerminationReason.EVICTED.value,
-                    terminated_at=limits.now,
-                )
                 evicted.append(victim.id)
         return evicted
 
