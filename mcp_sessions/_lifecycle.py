@@ -91,6 +91,9 @@ class Lifecycle:
         self._emit = emit
         #: Added to the idle bound (a shared store's allowance for unwritten use elsewhere).
         self.idle_grace = idle_grace
+        #: A durable store keeps handle sessions across a shutdown (they resume after a
+        #: restart): their end here is logged as leaving, not as terminating.
+        self.keeps_handles = False
 
     # -- the expiry rule, on local times ----------------------------------------------
 
@@ -177,10 +180,20 @@ class Lifecycle:
         self._schedule.cancel(session.id)
         level = logging.WARNING if reason is TerminationReason.ERROR else logging.INFO
         if logger.isEnabledFor(level):
-            logger.log(level, "session %s terminating: %s", session.id, reason.value,
+            if self.keeps_handles and self.kept(session):
+                message = "session %s leaving this process (%s); kept in the store"
+            else:
+                message = "session %s terminating: %s"
+            logger.log(level, message, session.id, reason.value,
                        extra={"session_id": session.id})  # fmt: skip
         self._on_terminating(session)
         return True
+
+    @staticmethod
+    def kept(session: Session) -> bool:
+        """Whether a durable store keeps ``session`` past its end here (a handle session
+        ended by a shutdown: it resumes after a restart)."""
+        return session._reason is TerminationReason.SHUTDOWN and session.kind is SessionKind.HANDLE
 
     def end_as_told(self, session: Session, reason: TerminationReason | None) -> bool:
         """End a session that the store says has ended, whatever its state here.

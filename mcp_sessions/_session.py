@@ -132,9 +132,10 @@ class SessionSnapshot:
     created_at: float
     last_active: float
     idle_timeout: float
-    #: When the absolute lifetime runs out.
-    expires_at: float
-    #: When it idles out if nothing happens (``None`` unless IDLE).
+    #: When its ``max_lifetime`` runs out, however much it is used.
+    lifetime_ends_at: float
+    #: When it idles out if nothing happens (``None`` unless IDLE); never after
+    #: ``lifetime_ends_at``.
     idle_expires_at: float | None
     requests: int
     errors: int
@@ -349,7 +350,7 @@ def snapshot_of(session: Session, wall_at: Callable[[float], float]) -> SessionS
         created_at=session.created_at,
         last_active=wall_at(session.last_active_time),
         idle_timeout=session.idle_timeout,
-        expires_at=wall_at(session.lifetime_end),
+        lifetime_ends_at=wall_at(session.lifetime_end),
         idle_expires_at=idle_expires,
         requests=session.requests,
         errors=session.errors,

@@ -221,9 +221,21 @@ class Operations:
         )
 
     def list_by_principal(
-        self, cur: Any, *, principal: str, include_terminated: bool
+        self,
+        cur: Any,
+        *,
+        principal: str,
+        include_terminated: bool,
+        after: tuple[float, str] | None = None,
+        limit: int | None = None,
     ) -> list[SessionRecord]:
-        cur.execute(self._sql.list_all if include_terminated else self._sql.list_live, (principal,))
+        if after is None and limit is None:
+            query = self._sql.list_all if include_terminated else self._sql.list_live
+            cur.execute(query, (principal,))
+        else:
+            query = self._sql.list_all_page if include_terminated else self._sql.list_live_page
+            start = after if after is not None else (float("-inf"), "")
+            cur.execute(query, (principal, start[0], start[0], start[1], _page_size(limit)))
         return self._codec.records(cur.fetchall())
 
     def list_recent(self, cur: Any, *, limit: int) -> list[SessionRecord]:
@@ -375,3 +387,8 @@ def _by_id(touch: Touch) -> str:
 
 def _by_first(row: Sequence[Any]) -> str:
     return str(row[0])
+
+
+def _page_size(limit: int | None) -> int:
+    """A ``LIMIT`` for a page: ``None`` is every row (both engines take a 64-bit bound)."""
+    return (1 << 62) if limit is None else max(0, limit)

@@ -17,6 +17,9 @@ from ._store import INITIALIZING, LIVE, TERMINATED
 
 __all__ = ["Statements"]
 
+#: Rows after the paging key ``(created_at, id)`` (parameters: created_at twice, then id).
+_AFTER_KEY = "(created_at > %s OR (created_at = %s AND id > %s))"
+
 
 @attrs.frozen(kw_only=True)
 class Statements:
@@ -46,6 +49,8 @@ class Statements:
     touch: str
     #: principal -> rows of COLUMNS, live only, oldest first.
     list_live: str
+    list_live_page: str
+    list_all_page: str
     #: principal -> rows of COLUMNS, oldest first.
     list_all: str
     #: limit -> rows of COLUMNS, most recently active first.
@@ -160,6 +165,15 @@ class Statements:
             ),
             list_all=d.q(
                 f"SELECT {cols} FROM sessions WHERE principal = %s ORDER BY created_at, id"
+            ),
+            # A page after the key (created_at, id), spelled without row values.
+            list_live_page=d.q(
+                f"SELECT {cols} FROM sessions WHERE principal = %s AND state <> '{TERMINATED}' "
+                f"AND {_AFTER_KEY} ORDER BY created_at, id LIMIT %s"
+            ),
+            list_all_page=d.q(
+                f"SELECT {cols} FROM sessions WHERE principal = %s "
+                f"AND {_AFTER_KEY} ORDER BY created_at, id LIMIT %s"
             ),
             list_recent=d.q(f"SELECT {cols} FROM sessions ORDER BY last_active DESC, id LIMIT %s"),
             counts="SELECT state, kind, COUNT(*) FROM sessions GROUP BY state, kind",

@@ -383,9 +383,18 @@ class SessionStore(Protocol):
         """Write coalesced activity (last active, counters) for live sessions, in one batch."""
 
     async def list_by_principal(
-        self, principal: str, *, include_terminated: bool = False
+        self,
+        principal: str,
+        *,
+        include_terminated: bool = False,
+        after: tuple[float, str] | None = None,
+        limit: int | None = None,
     ) -> list[SessionRecord]:
-        """The principal's sessions, oldest first."""
+        """The principal's sessions, oldest first: ordered by ``(created_at, id)``.
+
+        A page: only those after the ``(created_at, id)`` key ``after``, at
+        most ``limit`` of them. Paging by that key lists each session once.
+        """
 
     async def list_recent(self, limit: int = 20) -> list[SessionRecord]:
         """Any principal's sessions, most recently active first (operators)."""
@@ -676,16 +685,26 @@ class MemoryStore:
                 self._records[t.id] = _apply_touch(record, t)
 
     async def list_by_principal(
-        self, principal: str, *, include_terminated: bool = False
+        self,
+        principal: str,
+        *,
+        include_terminated: bool = False,
+        after: tuple[float, str] | None = None,
+        limit: int | None = None,
     ) -> list[SessionRecord]:
         await trio.lowlevel.checkpoint()
         self._count("list_by_principal")
-        found = [
-            _frozen_copy(r)
-            for r in self._records.values()
-            if r.principal == principal and (include_terminated or r.live)
-        ]
-        return sorted(found, key=lambda r: (r.created_at, r.id))
+        found = sorted(
+            (
+                r
+                for r in self._records.values()
+                if r.principal == principal
+                and (include_terminated or r.live)
+                and (after is None or (r.created_at, r.id) > after)
+            ),
+            key=lambda r: (r.created_at, r.id),
+        )
+        return [_frozen_copy(r) for r in found[:limit]]
 
     async def list_recent(self, limit: int = 20) -> list[SessionRecord]:
         await trio.lowlevel.checkpoint()

@@ -304,10 +304,19 @@ class SQLStoreBase:
         await self._run("touch", fn, write=True, key=min(t.id for t in touches))
 
     async def list_by_principal(
-        self, principal: str, *, include_terminated: bool = False
+        self,
+        principal: str,
+        *,
+        include_terminated: bool = False,
+        after: tuple[float, str] | None = None,
+        limit: int | None = None,
     ) -> list[SessionRecord]:
         fn = partial(
-            self._ops.list_by_principal, principal=principal, include_terminated=include_terminated
+            self._ops.list_by_principal,
+            principal=principal,
+            include_terminated=include_terminated,
+            after=after,
+            limit=limit,
         )
         return await self._read("list_by_principal", fn)
 

@@ -153,6 +153,7 @@ class Supervisor:
                 adopt=self._adopt,
             )
             lifecycle.idle_grace = durable.idle_grace
+            lifecycle.keeps_handles = store.durable
             self._sync = durable
         self._requests = requests = Requests(lifecycle, metrics, self._sync.activity)
         self._tasks = SessionTasks(
@@ -451,10 +452,15 @@ class Supervisor:
         """
         return await self._sync.resolve(hash_handle(handle), principal)
 
-    async def list_records(self, principal: str) -> list[SessionRecord]:
-        """The principal's live sessions as records: from the store when there is one
-        (every process's sessions), else this runtime's."""
-        return await self._sync.list_records(principal)
+    async def list_records(
+        self, principal: str, *, after: tuple[float, str] | None = None, limit: int | None = None
+    ) -> list[SessionRecord]:
+        """The principal's live sessions as records, ordered by ``(created_at, id)``: from
+        the store when there is one (every process's sessions), else this runtime's.
+
+        A page: those after the key ``after``, at most ``limit``.
+        """
+        return await self._sync.list_records(principal, after=after, limit=limit)
 
     async def store_health(self) -> StoreHealth | None:
         """The store's health now (``None`` without a store). Never raises."""

@@ -36,6 +36,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+import trio
+
 from ._clock import RuntimeClock
 from ._errors import SessionNotFound, VersionConflict, gone
 from ._jsonmerge import patched
@@ -147,7 +149,9 @@ class StoreSync(Protocol):
         """Whether the sync is confirming this session's expiry (it is unscheduled meanwhile)."""
         ...
 
-    async def list_records(self, principal: str) -> list[SessionRecord]: ...
+    async def list_records(
+        self, principal: str, *, after: tuple[float, str] | None = None, limit: int | None = None
+    ) -> list[SessionRecord]: ...
     async def health(self) -> StoreHealth | None: ...
     async def flush(self) -> None:
         """Write what is pending (shutdown)."""
@@ -259,11 +263,22 @@ class LocalSync(_Base):
     def confirming(self, session: Session) -> bool:
         return False
 
-    async def list_records(self, principal: str) -> list[SessionRecord]:
+    async def list_records(
+        self, principal: str, *, after: tuple[float, str] | None = None, limit: int | None = None
+    ) -> list[SessionRecord]:
+        await trio.lowlevel.checkpoint()
+        found = sorted(
+            (
+                s
+                for s in self._registry
+                if s.principal == principal
+                and s.live
+                and (after is None or (s.created_at, s.id) > after)
+            ),
+            key=lambda s: (s.created_at, s.id),
+        )
         return [
-            record_of(s, self._clock, ready=s.state is not _S.INITIALIZING)
-            for s in self._registry
-            if s.principal == principal and s.live
+            record_of(s, self._clock, ready=s.state is not _S.INITIALIZING) for s in found[:limit]
         ]
 
     async def health(self) -> StoreHealth | None:

@@ -623,7 +623,7 @@ class DurableSync(_Base):
         reason = session.reason or TerminationReason.ERROR
         touch = self._activity.take_touch(session, st, final=True)
         store = self._store
-        keep = reason is TerminationReason.SHUTDOWN and session.kind is SessionKind.HANDLE
+        keep = self._lifecycle.kept(session)
         with trio.move_on_after(self._settings.teardown_timeout):
             try:
                 if keep and store.durable:
@@ -648,8 +648,10 @@ class DurableSync(_Base):
     async def flush(self) -> None:
         await self._activity.flush()
 
-    async def list_records(self, principal: str) -> list[SessionRecord]:
-        return await self._call(self._store.list_by_principal(principal))
+    async def list_records(
+        self, principal: str, *, after: tuple[float, str] | None = None, limit: int | None = None
+    ) -> list[SessionRecord]:
+        return await self._call(self._store.list_by_principal(principal, after=after, limit=limit))
 
     async def health(self) -> StoreHealth:
         health = await self._store.health()

@@ -24,7 +24,10 @@ stay the SDK's, made from the signatures below.
 
 from __future__ import annotations
 
+import base64
 import functools
+import json
+import math
 from collections.abc import Mapping
 from typing import Annotated, Any
 
@@ -38,9 +41,12 @@ from ._context import current_session, iso, served, tool_error, tool_result
 from ._errors import InvalidArguments, SessionError, gone
 from ._runtime import SessionSnapshot
 from ._state import TerminationReason
-from ._store import LIVE, SessionRecord
+from ._store import SessionRecord
 
 __all__ = ["SESSION_TOOLS", "argument_error", "install_session_tools", "is_builtin"]
+
+#: Most sessions in one ``session_list`` page.
+PAGE_MAX = 100
 
 _Handle = Annotated[
     str | None,
@@ -72,6 +78,7 @@ async def session_open(
             "state": times["state"],
             "idle_timeout_s": times["idle_timeout_s"],
             "expires_at": times["expires_at"],
+            "lifetime_ends_at": times["lifetime_ends_at"],
         }
     )
 
@@ -99,14 +106,48 @@ async def session_info(session: _Handle = None) -> CallToolResult:
     return tool_result(data)
 
 
-async def session_list() -> CallToolResult:
-    """List the caller's live sessions (public ids only, never handles)."""
+async def session_list(
+    cursor: Annotated[
+        str | None, Field(description="next_cursor from the previous page (default: first page)")
+    ] = None,
+    limit: Annotated[
+        int, Field(ge=1, le=PAGE_MAX, description=f"At most this many (1-{PAGE_MAX})")
+    ] = PAGE_MAX,
+) -> CallToolResult:
+    """List the caller's live sessions, oldest first, a page at a time (ids, never handles)."""
     caller = served()
     try:
-        records = await caller.supervisor.list_records(caller.principal)
+        after = None if cursor is None else _decode_cursor(cursor)
+        records = await caller.supervisor.list_records(
+            caller.principal, after=after, limit=limit + 1
+        )
     except SessionError as exc:
         return tool_error(exc)
-    return tool_result({"sessions": [_record_summary(r) for r in records]})
+    page = records[:limit]
+    more = len(records) > limit
+    next_cursor = _encode_cursor(page[-1].created_at, page[-1].id) if more else None
+    return tool_result({"sessions": [_record_summary(r) for r in page], "next_cursor": next_cursor})
+
+
+def _encode_cursor(created_at: float, session_id: str) -> str:
+    """An opaque cursor: the paging key of the last session listed."""
+    raw = json.dumps([created_at, session_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, session_id = json.loads(raw)
+        number = isinstance(created_at, int | float) and not isinstance(created_at, bool)
+        if number and isinstance(session_id, str) and math.isfinite(created_at):
+            return float(created_at), session_id
+    except (ValueError, TypeError):
+        pass
+    raise InvalidArguments(
+        "invalid arguments for session_list: cursor is not a next_cursor from session_list",
+        arguments=["cursor"],
+    )
 
 
 async def session_state_get(
@@ -211,28 +252,41 @@ def argument_error(name: str, arguments: Mapping[str, Any] | None) -> InvalidArg
     return None
 
 
+def _times(
+    last_active: float, idle_timeout: float, lifetime_end: float, idle_end: float | None = None
+) -> dict[str, Any]:
+    """The times every tool reports, each with one meaning (see the README).
+
+    ``expires_at``: when the session ends if it is not used again, the earlier
+    of its idle end (``last_active + idle_timeout``) and its lifetime end.
+    ``lifetime_ends_at``: when it ends however much it is used.
+    """
+    if idle_end is None:
+        idle_end = last_active + idle_timeout
+    return {
+        "last_active": iso(last_active),
+        "idle_timeout_s": idle_timeout,
+        "expires_at": iso(min(idle_end, lifetime_end)),
+        "lifetime_ends_at": iso(lifetime_end),
+    }
+
+
 def _snapshot_times(snap: SessionSnapshot) -> dict[str, Any]:
-    expires = snap.idle_expires_at if snap.idle_expires_at is not None else snap.expires_at
     return {
         "id": snap.id,
         "kind": snap.kind.value,
         "state": snap.state.value,
         "created_at": iso(snap.created_at),
-        "last_active": iso(snap.last_active),
-        "idle_timeout_s": snap.idle_timeout,
-        "expires_at": iso(min(expires, snap.expires_at)),
+        # An idle session's own idle end; otherwise counted from its last use.
+        **_times(snap.last_active, snap.idle_timeout, snap.lifetime_ends_at, snap.idle_expires_at),
     }
 
 
 def _record_summary(record: SessionRecord) -> dict[str, Any]:
-    idle_end = record.last_active + record.idle_timeout if record.state == LIVE else None
-    expires = min(record.expires_at, idle_end) if idle_end is not None else record.expires_at
     return {
         "id": record.id,
         "kind": record.kind,
         "state": record.state,
         "created_at": iso(record.created_at),
-        "last_active": iso(record.last_active),
-        "idle_timeout_s": record.idle_timeout,
-        "expires_at": iso(expires),
+        **_times(record.last_active, record.idle_timeout, record.expires_at),
     }

@@ -68,7 +68,7 @@ async def test_handle_from_one_era_works_in_the_other_and_not_for_another_princi
                         "error": {"code": "session_not_found", "message": "no such session"}
                     }
                     listed = await other.call_tool("session_list", {})
-                    assert listed.structured_content == {"sessions": []}
+                    assert listed.structured_content == {"sessions": [], "next_cursor": None}
                 got = await legacy.call_tool("session_state_get", {"session": handle})
                 assert got.structured_content is not None
                 assert got.structured_content["state"] == {"from": "legacy", "to": "modern"}

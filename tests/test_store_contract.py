@@ -415,6 +415,22 @@ async def test_list_by_principal(store: SessionStore) -> None:
     assert await store.list_by_principal("nobody") == []
 
 
+async def test_list_by_principal_pages_by_created_at_then_id(store: SessionStore) -> None:
+    for sid, created in [("c", T0 + 1), ("a", T0 + 1), ("d", T0 + 2), ("b", T0 + 1), ("e", T0)]:
+        await store.create(record(sid, created=created))
+    await store.create(record("other", principal="bob", created=T0 + 1))
+    await store.terminate("d", R.CLOSED, T0 + 3)
+    first = await store.list_by_principal("alice", limit=2)
+    assert [r.id for r in first] == ["e", "a"]
+    after = (first[-1].created_at, first[-1].id)
+    assert [r.id for r in await store.list_by_principal("alice", after=after)] == ["b", "c"]
+    assert [r.id for r in await store.list_by_principal("alice", after=after, limit=1)] == ["b"]
+    every = await store.list_by_principal("alice", include_terminated=True, after=after)
+    assert [r.id for r in every] == ["b", "c", "d"]
+    assert await store.list_by_principal("alice", after=(T0 + 2, "")) == []
+    assert await store.list_by_principal("alice", limit=0) == []
+
+
 async def test_list_recent(store: SessionStore) -> None:
     for i, sid in enumerate(["a", "b", "c", "d"]):
         await store.create(record(sid, created=T0 + i, principal=f"p{i}"))
