@@ -43,8 +43,8 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Literal
 
 import attrs
@@ -81,8 +81,16 @@ class _Connection:
     """One stream: its era once decided, and its connection session (handshake era)."""
 
     layer: SessionLayer
+    #: Who is calling: the layer's principal unless the transport names one.
+    principal: str
     era: str | None = None
     session: Session | None = None
+    #: A secret the transport gave the connection (HTTP's ``Mcp-Session-Id``):
+    #: its connection session is opened with it as its handle, so it can be
+    #: found again by it (in another process, after a restart).
+    handle: str | None = None
+    #: Set once the connection session exists.
+    opened: trio.Event = attrs.field(factory=trio.Event)
 
 
 _connection_var: contextvars.ContextVar[_Connection | None] = contextvars.ContextVar(
@@ -143,20 +151,59 @@ class SessionLayer:
         await self._params.refresh()
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[None]:
+    async def connection(
+        self, *, principal: str | None = None, handle: str | None = None
+    ) -> AsyncIterator[_Connection]:
         """Requests in the block are on one new connection; at exit its session ends.
 
         Wrap the SDK loop serving one stream in it: every task the loop starts
-        inherits the connection.
+        inherits the connection. ``principal`` overrides the layer's for this
+        connection; ``handle`` becomes its connection session's handle.
         """
-        connection = _Connection(self)
+        connection = _Connection(self, principal or self.principal, handle=handle)
+        token = _connection_var.set(connection)
+        try:
+            yield connection
+        finally:
+            _connection_var.reset(token)
+            with trio.CancelScope(shield=True):
+                await self.disconnect(connection)
+
+    def new_connection(
+        self,
+        principal: str | None = None,
+        *,
+        handle: str | None = None,
+        session: Session | None = None,
+    ) -> _Connection:
+        """A connection to serve with :meth:`bind` (a transport whose requests arrive in
+        tasks of their own, as HTTP's do). ``session``: an existing connection session
+        (brought back from the store by its handle). End it with :meth:`disconnect`."""
+        connection = _Connection(self, principal or self.principal, handle=handle)
+        if session is not None:
+            connection.era, connection.session = "handshake", session
+            connection.opened.set()
+        return connection
+
+    @contextmanager
+    def bind(self, connection: _Connection) -> Iterator[None]:
+        """Requests started in the block (and the tasks they start) are on ``connection``."""
         token = _connection_var.set(connection)
         try:
             yield
         finally:
             _connection_var.reset(token)
-            with trio.CancelScope(shield=True):
-                await self.disconnect(connection)
+
+    @contextmanager
+    def request(self, principal: str | None = None) -> Iterator[None]:
+        """One stand-alone request (a 2026-07-28 HTTP exchange) by ``principal``.
+
+        No connection session: such requests reach sessions only through handles.
+        """
+        connection = self.new_connection(principal)
+        connection.era = "modern"
+        with self.bind(connection):
+            yield
 
     async def __call__(
         self, ctx: ServerRequestContext[Any, Any], call_next: CallNext
@@ -175,7 +222,7 @@ class SessionLayer:
             connection.era = "modern" if modern else "handshake"
         if method == "initialize":
             await self._open_connection_session(connection, ctx.params or {})
-        with serving(self.supervisor, self.principal), log_request(ctx.request_id):
+        with serving(self.supervisor, connection.principal), log_request(ctx.request_id):
             if method == "tools/call":
                 return await self._call_tool(ctx, call_next, connection, modern)
             if method == "tools/list":  # what the client sees, the layer knows
@@ -246,7 +293,7 @@ class SessionLayer:
         if handle is not None:
             if not isinstance(handle, str) or not handle:
                 raise SessionNotFound()
-            return await self.supervisor.resolve_handle(handle, self.principal)
+            return await self.supervisor.resolve_handle(handle, connection.principal)
         if modern or connection.session is None or param == "required":
             raise SessionRequired()
         return self.supervisor.get(connection.session.id)
@@ -267,13 +314,18 @@ class SessionLayer:
         )
         try:
             connection.session = await self.supervisor.create_session(
-                kind=SessionKind.CONNECTION, principal=self.principal, client=client, ready=False
+                kind=SessionKind.CONNECTION,
+                principal=connection.principal,
+                client=client,
+                ready=False,
+                handle=connection.handle,
             )
         except SessionError as exc:
             # A limit or a store outage must not make the connection unusable:
             # serve it without a connection session (tools that need one say so).
             logger.warning("serving this connection without a session: %s", exc)
             return
+        connection.opened.set()
         logger.info("connection session opened for client %s", client.name or "?",
                     extra={"session_id": connection.session.id})  # fmt: skip
 

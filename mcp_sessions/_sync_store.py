@@ -369,7 +369,10 @@ class DurableSync(_Base):
         await self._call(self._store.check_room(principal, self._limits(self._clock.wall())))
 
     async def created(self, session: Session, *, ready: bool) -> None:
-        instance = self.instance.id if session.kind is SessionKind.CONNECTION else None
+        # A connection session lives and dies with this process's stream, unless it
+        # has a handle (an HTTP session's id): then any process may resume it.
+        bound = session.kind is SessionKind.CONNECTION and session.handle_hash is None
+        instance = self.instance.id if bound else None
         record = record_of(session, self._clock, ready=ready, instance=instance)
         # From here the record carries no later patch: patches wait for the
         # insert, then go to the store.
@@ -439,7 +442,9 @@ class DurableSync(_Base):
             if local is not None and local.live and local.principal == principal and _stored(local):
                 # Stored once, gone now: it ended elsewhere and its record was purged.
                 self._ended_elsewhere(local, TerminationReason.CLOSED)
-        if record is None or record.principal != principal or record.kind != "handle":
+        if record is None or record.principal != principal:
+            # (Found by its handle: a handle session, or a connection session whose
+            # transport gave it one, an HTTP session's id, to be resumed anywhere.)
             return self._resolve_here(digest, principal)
         if record.live and self._due(record, self._registry.by_hash(digest)) is not None:
             ended = await self._call(

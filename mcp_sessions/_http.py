@@ -1,0 +1,654 @@
+"""Streamable HTTP: the session layer for hosted servers.
+
+Theory of operation
+===================
+
+:func:`serve_http` runs one ASGI application under anycorn (an anyio fork of
+hypercorn: it serves under trio and tells an application when its client
+went away, which hypercorn's trio worker does not, hypercorn issue #210; a
+2026-07-28 request is cancelled by closing its response stream, so that
+matters). The application routes by path:
+
+- ``/mcp``: the MCP endpoint. The caller's principal is decided first
+  (:class:`Principals`: bearer tokens, a library hook, or ``anonymous``); a
+  request without one gets 401. Then by era:
+
+  - a 2026-07-28 request (its ``MCP-Protocol-Version`` header is not a
+    handshake version) stands alone: the SDK's own session manager serves it
+    (``StreamableHTTPSessionManager.handle_request``, stateless), inside
+    :meth:`SessionLayer.request` so the layer knows who calls;
+  - a handshake-era request belongs to an HTTP session (:class:`_HttpSessions`):
+    ``initialize`` without ``Mcp-Session-Id`` opens one, whose id is a fresh
+    secret that becomes its connection session's handle in our runtime. The
+    session's SDK loop runs in this module's nursery inside
+    :meth:`SessionLayer.connection`; it ends on ``DELETE`` (reason
+    ``closed``), when our runtime ends the connection session (idle timeout,
+    lifetime, an operator's close: the id then answers 404), or at shutdown.
+    An id this process does not know is looked up in the store by its hash
+    and, if live and the caller's, *resumed*: a loop is started for it, born
+    initialized from the record's client info, so a load balancer without
+    stickiness or a restart does not cost the client its session.
+
+- ``/healthz`` (200 while serving), ``/readyz`` (200 when the store answers
+  and sessions are admitted, else 503, with the health document),
+  ``/metrics`` (the Prometheus text of ``sessions://metrics``).
+
+Who owns what: :func:`serve_http` owns the supervisor (unless given one), the
+HTTP sessions' nursery and the ASGI server; each HTTP session's loop task
+owns its transport; the supervisor owns the sessions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any, cast
+
+import attrs
+import trio
+from mcp.server.connection import Connection
+from mcp.server.mcpserver import MCPServer
+from mcp.server.runner import serve_connection, serve_loop
+from mcp.server.streamable_http import MCP_SESSION_ID_HEADER, StreamableHTTPServerTransport
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.server.transport_security import RequestBodyLimitMiddleware, TransportSecuritySettings
+from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
+from mcp.shared.transport_context import TransportContext
+from mcp_types import (
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    ClientCapabilities,
+    ErrorData,
+    Implementation,
+    InitializeRequestParams,
+    JSONRPCError,
+)
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.types import Receive, Scope, Send
+
+from ._errors import SessionError
+from ._hooks import Hooks
+from ._layer import SessionLayer
+from ._resources import health, install_session_resources
+from ._runtime import Session, SessionKind, Supervisor, open_supervisor
+from ._settings import Settings
+from ._state import TerminationReason
+from ._store import SessionStore
+from ._tools import install_session_tools
+
+__all__ = ["Principals", "load_bearer_tokens", "run_http", "serve_http"]
+
+logger = logging.getLogger("mcp_sessions.http")
+
+ANONYMOUS = "anonymous"
+MCP_PATH = "/mcp"
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_PROTOCOL_HEADER = b"mcp-protocol-version"
+
+PrincipalFrom = Callable[[Request], Awaitable[str | None]]
+
+
+# -- who is calling ------------------------------------------------------------------
+
+
+def load_bearer_tokens(path: str | Path) -> dict[str, str]:
+    """Read a bearer-token file: ``{"<principal>": ["sha256:<hex>", ...]}``.
+
+    Returns token digest (hex) -> principal. Raises :class:`ValueError` naming
+    the principal and entry that are wrong.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read bearer tokens from {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of principal -> list of digests")
+    digests: dict[str, str] = {}
+    for principal, entries in data.items():
+        if not principal or not isinstance(entries, list):
+            raise ValueError(f"{path}: {principal!r}: expected a list of 'sha256:<hex>' strings")
+        for entry in entries:
+            if not isinstance(entry, str) or not entry.startswith("sha256:"):
+                raise ValueError(f"{path}: {principal!r}: {entry!r} is not 'sha256:<hex>'")
+            hexdigest = entry.removeprefix("sha256:").lower()
+            if len(hexdigest) != 64 or any(c not in "0123456789abcdef" for c in hexdigest):
+                raise ValueError(f"{path}: {principal!r}: {entry!r} is not a SHA-256 hex digest")
+            if digests.setdefault(hexdigest, principal) != principal:
+                raise ValueError(f"{path}: one token is listed for two principals")
+    return digests
+
+
+@attrs.frozen
+class Principals:
+    """How a request's principal is decided: bearer-token digests, a hook, or nobody
+    (everyone is ``anonymous``)."""
+
+    #: SHA-256 hex digest of a token -> its principal.
+    tokens: Mapping[str, str] | None = None
+    hook: PrincipalFrom | None = None
+
+    @property
+    def anonymous(self) -> bool:
+        return self.tokens is None and self.hook is None
+
+    async def of(self, request: Request) -> str | None:
+        """The caller's principal, or ``None`` (answer 401)."""
+        if self.hook is not None:
+            return await self.hook(request)
+        if self.tokens is None:
+            return ANONYMOUS
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        return self.tokens.get(hashlib.sha256(token.strip().encode()).hexdigest())
+
+
+# -- handshake-era sessions ------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class _HttpSession:
+    """One handshake-era HTTP session: its transport and its connection in the layer."""
+
+    transport: StreamableHTTPServerTransport
+    connection: Any  # the layer's connection (principal, connection session)
+
+
+class _HttpSessions:
+    """The handshake-era HTTP sessions this process serves, by ``Mcp-Session-Id``.
+
+    The SDK runs each request's handler in the context of the HTTP request
+    that carried it, so every request is bound to its session's connection
+    (:meth:`SessionLayer.bind`) where it arrives, not where the loop runs.
+    """
+
+    def __init__(
+        self,
+        server: MCPServer[Any],
+        layer: SessionLayer,
+        security: TransportSecuritySettings | None,
+        lifespan_state: Any,
+    ) -> None:
+        self._lowlevel = server._lowlevel_server  # see _stdio._lowlevel
+        self._layer = layer
+        self._security = security
+        self._lifespan_state = lifespan_state
+        self._sessions: dict[str, _HttpSession] = {}
+        self._resuming: dict[str, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                yield
+            finally:
+                self._nursery = None
+                for http in list(self._sessions.values()):
+                    with trio.CancelScope(shield=True):
+                        await http.transport.terminate()
+                nursery.cancel_scope.cancel()
+
+    async def handle(self, principal: str, scope: Scope, receive: Receive, send: Send) -> None:
+        session_id = Request(scope).headers.get(MCP_SESSION_ID_HEADER)
+        if session_id is None:
+            await self._open(principal, scope, receive, send)
+            return
+        http = self._sessions.get(session_id)
+        if http is None:
+            http = await self._resume(session_id, principal)
+        if http is None or http.connection.principal != principal:
+            await _json_error(send, 404, INVALID_REQUEST, "Session not found")
+            return
+        with self._layer.bind(http.connection):
+            await http.transport.handle_request(scope, receive, send)
+        if scope["method"] == "DELETE" and http.transport.is_terminated:
+            # The client ended it: forget it before any await, then end its session
+            # before answering anything else (or its id would resume it).
+            self._forget(session_id)
+            await self._close(http)
+
+    def _new_transport(self, session_id: str) -> StreamableHTTPServerTransport:
+        return StreamableHTTPServerTransport(
+            mcp_session_id=session_id, security_settings=self._security
+        )
+
+    async def _open(self, principal: str, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._nursery is None:
+            await _json_error(send, 503, INTERNAL_ERROR, "Server is shutting down")
+            return
+        session_id = secrets.token_urlsafe(32)
+        connection = self._layer.new_connection(principal, handle=session_id)
+        http = _HttpSession(self._new_transport(session_id), connection)
+        self._sessions[session_id] = http
+        established = False
+        try:
+            await self._nursery.start(self._run, session_id, http, None)
+            with self._layer.bind(connection):
+                status = await _send_and_report_status(
+                    http.transport.handle_request, scope, receive, send
+                )
+            established = status is not None and status < 400
+        finally:
+            if not established:
+                self._forget(session_id, http)
+                with trio.CancelScope(shield=True):
+                    await http.transport.terminate()
+
+    async def _resume(self, session_id: str, principal: str) -> _HttpSession | None:
+        """Bring back a session another process (or this one, before a restart) opened."""
+        if self._nursery is None or self._layer.supervisor.store is None:
+            return None
+        pending = self._resuming.get(session_id)
+        if pending is not None:  # another request is resuming it: wait for that one
+            await pending.wait()
+            return self._sessions.get(session_id)
+        self._resuming[session_id] = done = trio.Event()
+        try:
+            try:
+                session = await self._layer.supervisor.resolve_handle(session_id, principal)
+            except SessionError as exc:
+                logger.debug("no HTTP session to resume: %s", exc)
+                return None
+            if session.kind is not SessionKind.CONNECTION:
+                return None  # a handle session's handle is not an HTTP session id
+            connection = self._layer.new_connection(principal, handle=session_id, session=session)
+            http = _HttpSession(self._new_transport(session_id), connection)
+            self._sessions[session_id] = http
+            await self._nursery.start(self._run, session_id, http, _client_params(session))
+            logger.info("HTTP session resumed from the store",
+                        extra={"session_id": session.id})  # fmt: skip
+            return http
+        finally:
+            del self._resuming[session_id]
+            done.set()
+
+    async def _run(
+        self,
+        session_id: str,
+        http: _HttpSession,
+        resumed: InitializeRequestParams | None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The session's SDK loop, until DELETE, our runtime ends it, or shutdown."""
+        connection = http.connection
+        try:
+            async with http.transport.connect() as (read, write), trio.open_nursery() as nursery:
+                nursery.start_soon(self._follow, http, nursery.cancel_scope)
+                task_status.started()
+                with self._layer.bind(connection):
+                    if connection.session is None:
+                        await serve_loop(
+                            self._lowlevel,
+                            read,
+                            write,
+                            lifespan_state=self._lifespan_state,
+                            session_id=session_id,
+                        )
+                    else:
+                        await self._serve_resumed(
+                            session_id, connection.session, resumed, read, write
+                        )
+                nursery.cancel_scope.cancel()
+        finally:
+            self._forget(session_id, http)
+            # The loop also ends at shutdown: then the session is not ended here but
+            # kept in a durable store, to be resumed after a restart.
+
+    async def _close(self, http: _HttpSession) -> None:
+        session = http.connection.session
+        if session is not None and session.live:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self._layer.supervisor.close(session, TerminationReason.CLOSED)
+                except SessionError as exc:
+                    logger.warning("could not close session %s: %s", session.id, exc)
+
+    async def _serve_resumed(
+        self,
+        session_id: str,
+        session: Session,
+        params: InitializeRequestParams | None,
+        read: Any,
+        write: Any,
+    ) -> None:
+        """A loop born initialized, from what the record kept of the handshake."""
+        dispatcher: JSONRPCDispatcher[TransportContext] = JSONRPCDispatcher(
+            read, write, inline_methods=frozenset({"initialize"})
+        )
+        connection = Connection(
+            dispatcher,
+            protocol_version=session.client.protocol_version or LATEST_HANDSHAKE_VERSION,
+            session_id=session_id,
+            client_params=params,
+        )
+        connection.initialized.set()
+        await serve_connection(
+            self._lowlevel, dispatcher, connection=connection, lifespan_state=self._lifespan_state
+        )
+
+    async def _follow(self, http: _HttpSession, scope: trio.CancelScope) -> None:
+        """When our runtime ends the connection session (idle, lifetime, an operator's
+        close), end the HTTP session: its id then answers 404."""
+        await http.connection.opened.wait()
+        session = http.connection.session
+        await self._layer.supervisor.wait_terminated(session)
+        logger.info("HTTP session ended (%s)", session.reason.value if session.reason else "?",
+                    extra={"session_id": session.id})  # fmt: skip
+        self._forget(http.transport.mcp_session_id or "", http)
+        with trio.CancelScope(shield=True):
+            await http.transport.terminate()
+        scope.cancel()
+
+    def _forget(self, session_id: str, http: _HttpSession | None = None) -> None:
+        """Stop serving ``session_id`` (only if it is still ``http``, when given)."""
+        if http is None or self._sessions.get(session_id) is http:
+            self._sessions.pop(session_id, None)
+
+
+def _client_params(session: Session) -> InitializeRequestParams | None:
+    client = session.client
+    try:
+        return InitializeRequestParams(
+            protocol_version=client.protocol_version or LATEST_HANDSHAKE_VERSION,
+            capabilities=ClientCapabilities.model_validate(dict(client.capabilities)),
+            client_info=Implementation(name=client.name or "", version=client.version or ""),
+        )
+    except ValidationError:
+        return None
+
+
+# -- the application ---------------------------------------------------------------------
+
+
+class HttpApp:
+    """The ASGI application: ``/mcp`` and the operations endpoints."""
+
+    def __init__(
+        self,
+        *,
+        layer: SessionLayer,
+        principals: Principals,
+        modern: StreamableHTTPSessionManager,
+        sessions: _HttpSessions,
+        max_message_size: int,
+    ) -> None:
+        self.layer = layer
+        self.supervisor = layer.supervisor
+        self.principals = principals
+        self._modern = modern
+        self._sessions = sessions
+        self._mcp = RequestBodyLimitMiddleware(self._serve_mcp, max_message_size)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        if path == MCP_PATH or path == MCP_PATH + "/":
+            await self._mcp(scope, receive, send)
+        elif path == "/healthz" and scope["method"] in ("GET", "HEAD"):
+            await _respond(send, 200, b'{"status": "ok"}\n', b"application/json")
+        elif path == "/readyz" and scope["method"] in ("GET", "HEAD"):
+            doc = await health(self.supervisor)
+            status = 200 if doc["status"] == "ok" else 503
+            await _respond(send, status, json.dumps(doc).encode() + b"\n", b"application/json")
+        elif path == "/metrics" and scope["method"] in ("GET", "HEAD"):
+            text = self.supervisor.render_prometheus().encode()
+            await _respond(send, 200, text, b"text/plain; version=0.0.4; charset=utf-8")
+        else:
+            await _respond(send, 404, b'{"error": "not found"}\n', b"application/json")
+
+    async def _serve_mcp(self, scope: Scope, receive: Receive, send: Send) -> None:
+        principal = await self.principals.of(Request(scope, receive))
+        if principal is None:
+            await _json_error(
+                send, 401, INVALID_REQUEST, "Unauthorized", [(b"www-authenticate", b"Bearer")]
+            )
+            return
+        version = next(
+            (v.decode("latin-1") for k, v in scope["headers"] if k == _PROTOCOL_HEADER), None
+        )
+        if version is not None and version not in HANDSHAKE_PROTOCOL_VERSIONS:
+            with self.layer.request(principal):
+                await self._modern.handle_request(scope, receive, send)
+            return
+        await self._sessions.handle(principal, scope, receive, send)
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    """The ASGI lifespan protocol: nothing to do (serve_http owns start and stop)."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def _respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: bytes,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _json_error(
+    send: Send,
+    status: int,
+    code: int,
+    message: str,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> None:
+    body = JSONRPCError(jsonrpc="2.0", id=None, error=ErrorData(code=code, message=message))
+    payload = body.model_dump_json(by_alias=True, exclude_unset=True).encode()
+    await _respond(send, status, payload, b"application/json", headers)
+
+
+async def _send_and_report_status(
+    app: Callable[[Scope, Receive, Send], Awaitable[None]],
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+) -> int | None:
+    status: int | None = None
+
+    async def watch(message: Any) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        await send(message)
+
+    await app(scope, receive, watch)
+    return status
+
+
+# -- serving -------------------------------------------------------------------------------
+
+
+def loopback(host: str) -> bool:
+    return host in _LOOPBACK
+
+
+def _security(host: str) -> TransportSecuritySettings | None:
+    """The SDK's DNS-rebinding protection, on for a loopback address (as the SDK does)."""
+    if not loopback(host):
+        return None
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*"],
+        allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"],
+    )
+
+
+async def serve_http(
+    server: MCPServer[Any],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    settings: Settings | None = None,
+    hooks: Hooks | None = None,
+    store: SessionStore | str | None = None,
+    supervisor: Supervisor | None = None,
+    bearer_tokens: Mapping[str, str] | str | Path | None = None,
+    principal_from: PrincipalFrom | None = None,
+    allow_anonymous: bool = False,
+    session_tools: bool = True,
+    session_resources: bool = True,
+    max_message_size: int = 4 * 1024 * 1024,
+    shutdown_grace: float | None = None,
+    handle_signals: bool = False,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``server`` over MCP Streamable HTTP at ``http://host:port/mcp`` with the
+    session layer, until cancelled (or SIGINT/SIGTERM under :func:`run_http`).
+
+    ``bearer_tokens`` (a digest map from :func:`load_bearer_tokens`, or the
+    path of such a file) requires ``Authorization: Bearer``; the matching
+    token's principal owns what the request opens. ``principal_from`` maps a
+    request to a principal in your own way (``None``: 401). Without either,
+    every caller is ``anonymous``, which a non-loopback ``host`` refuses
+    unless ``allow_anonymous``. ``task_status.started`` gets the bound URLs.
+
+    With ``handle_signals``, SIGINT or SIGTERM drains: no new connections,
+    requests in flight get ``shutdown_grace`` seconds, then sessions shut
+    down and this returns. Cancelling it stops at once.
+    """
+    if isinstance(bearer_tokens, str | Path):
+        bearer_tokens = load_bearer_tokens(bearer_tokens)
+    principals = Principals(tokens=bearer_tokens, hook=principal_from)
+    if principals.anonymous and not loopback(host) and not allow_anonymous:
+        raise ValueError(
+            f"serving {host} without authentication: give bearer tokens, or allow anonymous callers"
+        )
+    if max_message_size <= 0:
+        raise ValueError("max_message_size must be positive")
+    if isinstance(store, str):
+        from ._store_url import store_from_url
+
+        store = store_from_url(store)
+    if session_tools:
+        await install_session_tools(server)
+    if session_resources:
+        await install_session_resources(server)
+    settings = settings or (supervisor.settings if supervisor is not None else Settings())
+    grace = settings.shutdown_grace if shutdown_grace is None else shutdown_grace
+    options = _Options(principals, host, port, max_message_size, grace, handle_signals)
+    if supervisor is not None:
+        await _serve(server, supervisor, options, task_status)
+        return
+    async with open_supervisor(settings, hooks=hooks, store=store) as own:
+        await _serve(server, own, options, task_status)
+        await own.shutdown(grace=grace)
+
+
+@attrs.frozen
+class _Options:
+    principals: Principals
+    host: str
+    port: int
+    max_message_size: int
+    grace: float
+    handle_signals: bool
+
+
+async def _serve(
+    server: MCPServer[Any],
+    supervisor: Supervisor,
+    options: _Options,
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
+    import anycorn
+
+    layer = SessionLayer(server, supervisor, ANONYMOUS)
+    await layer.refresh_tools()
+    host, port = options.host, options.port
+    security = _security(host)
+    modern = StreamableHTTPSessionManager(
+        app=server._lowlevel_server, stateless=True, security_settings=security
+    )
+    server.middleware.append(layer)
+    try:
+        async with modern.run():
+            sessions = _HttpSessions(server, layer, security, modern_lifespan_state(modern))
+            app = HttpApp(
+                layer=layer,
+                principals=options.principals,
+                modern=modern,
+                sessions=sessions,
+                max_message_size=options.max_message_size,
+            )
+            config = anycorn.Config()
+            config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+            config.accesslog = None
+            config.graceful_timeout = options.grace
+            stopping = trio.Event()
+            async with sessions.running(), trio.open_nursery() as nursery:
+                if options.handle_signals:
+                    await nursery.start(_stop_on_signal, stopping)
+                await anycorn.serve(
+                    cast(Any, app),
+                    config,
+                    shutdown_trigger=stopping.wait,
+                    task_status=cast(Any, task_status),
+                )
+                nursery.cancel_scope.cancel()
+    finally:
+        server.middleware.remove(layer)
+
+
+def modern_lifespan_state(manager: StreamableHTTPSessionManager) -> Any:
+    """The lifespan state the SDK's manager entered (its loops need the same one)."""
+    return manager._lifespan_state
+
+
+def run_http(server: MCPServer[Any], **kwargs: Any) -> None:
+    """Serve ``server`` over Streamable HTTP (blocks; runs trio) until SIGINT/SIGTERM.
+
+    Takes the keyword arguments of :func:`serve_http`.
+    """
+    kwargs.setdefault("handle_signals", True)
+    trio.run(partial(serve_http, server, **kwargs))
+
+
+async def _stop_on_signal(
+    stopping: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """The first SIGINT/SIGTERM drains; the next stops at once."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if stopping.is_set():
+                logger.info("%s while draining: stopping now", name)
+                raise KeyboardInterrupt
+            logger.info("%s: draining", name)
+            stopping.set()

@@ -1,0 +1,284 @@
+"""Streamable HTTP, in process: a real server on a loopback port, the official client.
+
+The server runs in the test's trio loop (``serve_http`` under anycorn); the
+client talks to it over real TCP, as a remote client would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+import trio
+from mcp.client.client import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.server.mcpserver import MCPServer
+
+from mcp_sessions import SQLiteStore, Settings, open_supervisor
+from mcp_sessions._http import serve_http
+
+MODES = ["legacy", "auto", "2026-07-28"]
+
+# The SDK's HTTP client (httpx2) leaves its SSE async generators to the garbage
+# collector when a stream is cut short; trio warns about each. Not ours to fix.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <async_generator object:pytest.PytestUnraisableExceptionWarning"
+)
+
+
+@asynccontextmanager
+async def http_server(**kwargs: Any) -> AsyncIterator[str]:
+    server: MCPServer[Any] = kwargs.pop("server", None) or MCPServer("http-test")
+    async with trio.open_nursery() as nursery:
+        urls = await nursery.start(
+            lambda task_status: serve_http(server, port=0, task_status=task_status, **kwargs)
+        )
+        yield urls[0] + "/mcp"
+        nursery.cancel_scope.cancel()
+
+
+def content(result: Any) -> dict[str, Any]:
+    assert result.structured_content is not None, result
+    return dict(result.structured_content)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_session_tools_work_in_every_mode(mode: str) -> None:
+    with trio.fail_after(30):
+        async with http_server() as url, Client(url, mode=mode) as client:
+            opened = content(await client.call_tool("session_open", {}))
+            handle = opened["session"]
+            patched = await client.call_tool(
+                "session_state_patch", {"session": handle, "patch": {"a": 1}}
+            )
+            assert content(patched) == {"version": 1}
+            got = content(await client.call_tool("session_state_get", {"session": handle}))
+            assert got == {"state": {"a": 1}, "version": 1}
+            listed = content(await client.call_tool("session_list", {}))
+            kinds = sorted(s["kind"] for s in listed["sessions"])
+            # A handshake-era client has its connection session too.
+            assert kinds == (["connection", "handle"] if mode == "legacy" else ["handle"])
+            closed = content(await client.call_tool("session_close", {"session": handle}))
+            assert closed["state"] == "terminated"
+            gone = await client.call_tool("session_info", {"session": handle})
+            assert gone.is_error
+            assert content(gone)["error"]["code"] == "session_closed"
+
+
+async def test_handshake_session_is_a_connection_session_ended_by_delete() -> None:
+    async with open_supervisor(Settings()) as supervisor:
+        with trio.fail_after(30):
+            async with http_server(supervisor=supervisor) as url:
+                async with Client(url, mode="legacy") as client:
+                    info = content(await client.call_tool("session_info", {}))
+                    assert info["kind"] == "connection"
+                    [live] = supervisor.sessions()
+                    assert live.id == info["id"]
+                # The client's exit sends DELETE: the session ends, closed.
+                with trio.fail_after(5):
+                    while supervisor.tombstone(info["id"]) is None:
+                        await trio.sleep(0.01)
+                tomb = supervisor.tombstone(info["id"])
+                assert tomb is not None
+                assert tomb.reason is not None
+                assert tomb.reason.value == "closed"
+
+
+async def test_operations_endpoints() -> None:
+    with trio.fail_after(30):
+        async with http_server() as url:
+            base = url.removesuffix("/mcp")
+            async with httpx.AsyncClient() as http:
+                assert (await http.get(base + "/healthz")).status_code == 200
+                ready = await http.get(base + "/readyz")
+                assert ready.status_code == 200
+                assert ready.json()["status"] == "ok"
+                metrics = await http.get(base + "/metrics")
+                assert "mcp_sessions" in metrics.text
+                bad = await http.post(
+                    url,
+                    content=b"{not json",
+                    headers={
+                        "content-type": "application/json",
+                        "accept": "application/json, text/event-stream",
+                    },
+                )
+                assert bad.status_code == 400
+                assert bad.json()["error"]["code"] == -32700
+
+
+async def test_bearer_tokens_bind_handles_to_their_principal(tmp_path: Path) -> None:
+    tokens = {"alice": "tok-alice", "bob": "tok-bob"}
+    file = tmp_path / "tokens.json"
+    file.write_text(
+        json.dumps(
+            {p: ["sha256:" + hashlib.sha256(t.encode()).hexdigest()] for p, t in tokens.items()}
+        )
+    )
+    with trio.fail_after(30):
+        async with http_server(bearer_tokens=file) as url:
+            async with httpx.AsyncClient() as http:
+                refused = await http.post(
+                    url,
+                    json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
+                    headers={"accept": "application/json, text/event-stream"},
+                )
+                assert refused.status_code == 401
+            alice = httpx.AsyncClient(headers={"authorization": "Bearer tok-alice"})
+            bob = httpx.AsyncClient(headers={"authorization": "Bearer tok-bob"})
+            async with alice, bob:
+                async with Client(streamable_http_client(url, http_client=alice), mode="auto") as a:
+                    handle = content(await a.call_tool("session_open", {}))["session"]
+                async with Client(streamable_http_client(url, http_client=bob), mode="auto") as b:
+                    stolen = await b.call_tool("session_info", {"session": handle})
+                    assert content(stolen)["error"]["code"] == "session_not_found"
+
+
+async def test_a_handshake_session_resumes_on_another_server_sharing_the_store(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    with trio.fail_after(30):
+        async with http_server(store=SQLiteStore(path)) as first:
+            async with http_server(store=SQLiteStore(path)) as second:
+                async with httpx.AsyncClient() as http:
+                    headers = {"accept": "application/json, text/event-stream"}
+                    init = await http.post(
+                        first,
+                        headers=headers,
+                        json={
+                            "jsonrpc": "2.0",
+                            "id": 1,
+                            "method": "initialize",
+                            "params": {
+                                "protocolVersion": "2025-11-25",
+                                "capabilities": {},
+                                "clientInfo": {"name": "t", "version": "1"},
+                            },
+                        },
+                    )
+                    assert init.status_code == 200, init.text
+                    sid = init.headers["mcp-session-id"]
+                    headers |= {"mcp-session-id": sid, "mcp-protocol-version": "2025-11-25"}
+                    await http.post(
+                        first,
+                        headers=headers,
+                        json={"jsonrpc": "2.0", "method": "notifications/initialized"},
+                    )
+                    call = {
+                        "jsonrpc": "2.0",
+                        "id": 2,
+                        "method": "tools/call",
+                        "params": {"name": "session_info", "arguments": {}},
+                    }
+                    here = await http.post(first, headers=headers, json=call)
+                    there = await http.post(second, headers=headers, json=call)
+                    assert there.status_code == 200, there.text
+                    assert (
+                        _sse_result(here)["structuredContent"]["id"]
+                        == _sse_result(there)["structuredContent"]["id"]
+                    )
+                    unknown = await http.post(
+                        second, headers=headers | {"mcp-session-id": "nope"}, json=call
+                    )
+                    assert unknown.status_code == 404
+
+
+def _sse_result(response: httpx.Response) -> dict[str, Any]:
+    for line in response.text.splitlines():
+        if line.startswith("data:") and line[5:].strip():
+            message = json.loads(line[5:])
+            if "result" in message:
+                return dict(message["result"])
+    if response.headers.get("content-type", "").startswith("application/json"):
+        return dict(response.json()["result"])
+    raise AssertionError(response.text)
+
+
+ACCEPT = {"accept": "application/json, text/event-stream"}
+
+
+async def handshake(http: httpx.AsyncClient, url: str) -> dict[str, str]:
+    """Initialize a handshake-era session by hand; return the headers that name it."""
+    init = await http.post(
+        url,
+        headers=ACCEPT,
+        json={
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "t", "version": "1"},
+            },
+        },
+    )
+    assert init.status_code == 200, init.text
+    headers = ACCEPT | {
+        "mcp-session-id": init.headers["mcp-session-id"],
+        "mcp-protocol-version": "2025-11-25",
+    }
+    done = await http.post(
+        url, headers=headers, json={"jsonrpc": "2.0", "method": "notifications/initialized"}
+    )
+    assert done.status_code == 202, done.text
+    return headers
+
+
+async def call(
+    http: httpx.AsyncClient, url: str, headers: dict[str, str], tool: str, arguments: Any
+) -> httpx.Response:
+    return await http.post(
+        url,
+        headers=headers,
+        json={
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {"name": tool, "arguments": arguments},
+        },
+    )
+
+
+async def test_a_handshake_session_survives_a_restart_on_a_durable_store(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with trio.fail_after(30):
+        async with httpx.AsyncClient() as http:
+            async with http_server(store=SQLiteStore(path)) as url:
+                headers = await handshake(http, url)
+                patched = await call(http, url, headers, "session_state_patch", {"patch": {"k": 1}})
+                assert _sse_result(patched)["structuredContent"] == {"version": 1}
+            async with http_server(store=SQLiteStore(path)) as url:
+                got = await call(http, url, headers, "session_state_get", {})
+                assert got.status_code == 200, got.text
+                assert _sse_result(got)["structuredContent"] == {"state": {"k": 1}, "version": 1}
+                # DELETE ends it for good: its id then answers 404, here and anywhere.
+                deleted = await http.delete(url, headers=headers)
+                assert deleted.status_code == 200
+                again = await call(http, url, headers, "session_state_get", {})
+                assert again.status_code == 404
+            async with http_server(store=SQLiteStore(path)) as url:
+                assert (await call(http, url, headers, "session_state_get", {})).status_code == 404
+
+
+async def test_an_idle_handshake_session_expires_and_its_id_then_answers_404() -> None:
+    settings = Settings(idle_timeout=0.3, cleanup_interval=0.05)
+    async with open_supervisor(settings) as supervisor:
+        with trio.fail_after(30):
+            async with http_server(supervisor=supervisor) as url, httpx.AsyncClient() as http:
+                headers = await handshake(http, url)
+                [session] = supervisor.sessions()
+                await supervisor.wait_terminated(supervisor.get(session.id))
+                tomb = supervisor.tombstone(session.id)
+                assert tomb is not None
+                assert tomb.reason is not None
+                assert tomb.reason.value == "idle_timeout"
+                gone = await call(http, url, headers, "session_info", {})
+                assert gone.status_code == 404
