@@ -112,6 +112,11 @@ class Served:
 
     supervisor: Supervisor
     principal: str
+    #: Many callers share ``principal`` (anonymous HTTP): listings show only
+    #: what this caller holds (``connection``), never the others' sessions.
+    shared: bool = False
+    #: The caller's connection session, if any.
+    connection: Session | None = None
 
 
 _served: contextvars.ContextVar[Served | None] = contextvars.ContextVar(
@@ -120,9 +125,15 @@ _served: contextvars.ContextVar[Served | None] = contextvars.ContextVar(
 
 
 @contextmanager
-def serving(supervisor: Supervisor, principal: str) -> Iterator[None]:
+def serving(
+    supervisor: Supervisor,
+    principal: str,
+    *,
+    shared: bool = False,
+    connection: Session | None = None,
+) -> Iterator[None]:
     """Requests in the block are served by ``supervisor`` for ``principal``."""
-    token = _served.set(Served(supervisor, principal))
+    token = _served.set(Served(supervisor, principal, shared, connection))
     try:
         yield
     finally:

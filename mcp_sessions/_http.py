@@ -199,36 +199,49 @@ class _HttpSessions:
                         await http.transport.terminate()
                 nursery.cancel_scope.cancel()
 
-    async def handle(self, principal: str, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle(
+        self, principal: str, shared: bool, scope: Scope, receive: Receive, send: Send
+    ) -> None:
         session_id = Request(scope).headers.get(MCP_SESSION_ID_HEADER)
         if session_id is None:
-            await self._open(principal, scope, receive, send)
+            await self._open(principal, shared, scope, receive, send)
             return
         http = self._sessions.get(session_id)
         if http is None:
-            http = await self._resume(session_id, principal)
+            http = await self._resume(session_id, principal, shared)
         if http is None or http.connection.principal != principal:
             await _json_error(send, 404, INVALID_REQUEST, "Session not found")
             return
+        if scope["method"] == "DELETE":
+            send = self._closing_on_delete(session_id, http, send)
         with self._layer.bind(http.connection):
             await http.transport.handle_request(scope, receive, send)
-        if scope["method"] == "DELETE" and http.transport.is_terminated:
-            # The client ended it: forget it before any await, then end its session
-            # before answering anything else (or its id would resume it).
-            self._forget(session_id)
-            await self._close(http)
+
+    def _closing_on_delete(self, session_id: str, http: _HttpSession, send: Send) -> Send:
+        """``send`` for a DELETE: once the transport accepted it, forget the session and
+        end it (``closed``) before the client hears so (or its id could resume it)."""
+
+        async def closing(message: Any) -> None:
+            if message["type"] == "http.response.start" and message["status"] < 300:
+                self._forget(session_id, http)
+                await self._close(http)
+            await send(message)
+
+        return closing
 
     def _new_transport(self, session_id: str) -> StreamableHTTPServerTransport:
         return StreamableHTTPServerTransport(
             mcp_session_id=session_id, security_settings=self._security
         )
 
-    async def _open(self, principal: str, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _open(
+        self, principal: str, shared: bool, scope: Scope, receive: Receive, send: Send
+    ) -> None:
         if self._nursery is None:
             await _json_error(send, 503, INTERNAL_ERROR, "Server is shutting down")
             return
         session_id = secrets.token_urlsafe(32)
-        connection = self._layer.new_connection(principal, handle=session_id)
+        connection = self._layer.new_connection(principal, handle=session_id, shared=shared)
         http = _HttpSession(self._new_transport(session_id), connection)
         self._sessions[session_id] = http
         established = False
@@ -245,7 +258,7 @@ class _HttpSessions:
                 with trio.CancelScope(shield=True):
                     await http.transport.terminate()
 
-    async def _resume(self, session_id: str, principal: str) -> _HttpSession | None:
+    async def _resume(self, session_id: str, principal: str, shared: bool) -> _HttpSession | None:
         """Bring back a session another process (or this one, before a restart) opened."""
         if self._nursery is None or self._layer.supervisor.store is None:
             return None
@@ -262,7 +275,9 @@ class _HttpSessions:
                 return None
             if session.kind is not SessionKind.CONNECTION:
                 return None  # a handle session's handle is not an HTTP session id
-            connection = self._layer.new_connection(principal, handle=session_id, session=session)
+            connection = self._layer.new_connection(
+                principal, handle=session_id, session=session, shared=shared
+            )
             http = _HttpSession(self._new_transport(session_id), connection)
             self._sessions[session_id] = http
             await self._nursery.start(self._run, session_id, http, _client_params(session))
@@ -423,10 +438,10 @@ class HttpApp:
             (v.decode("latin-1") for k, v in scope["headers"] if k == _PROTOCOL_HEADER), None
         )
         if version is not None and version not in HANDSHAKE_PROTOCOL_VERSIONS:
-            with self.layer.request(principal):
+            with self.layer.request(principal, shared=self.principals.anonymous):
                 await self._modern.handle_request(scope, receive, send)
             return
-        await self._sessions.handle(principal, scope, receive, send)
+        await self._sessions.handle(principal, self.principals.anonymous, scope, receive, send)
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -89,6 +89,8 @@ class _Connection:
     #: its connection session is opened with it as its handle, so it can be
     #: found again by it (in another process, after a restart).
     handle: str | None = None
+    #: Many callers share the principal (anonymous HTTP): see ``Served.shared``.
+    shared: bool = False
     #: Set once the connection session exists.
     opened: trio.Event = attrs.field(factory=trio.Event)
 
@@ -175,11 +177,12 @@ class SessionLayer:
         *,
         handle: str | None = None,
         session: Session | None = None,
+        shared: bool = False,
     ) -> _Connection:
         """A connection to serve with :meth:`bind` (a transport whose requests arrive in
         tasks of their own, as HTTP's do). ``session``: an existing connection session
         (brought back from the store by its handle). End it with :meth:`disconnect`."""
-        connection = _Connection(self, principal or self.principal, handle=handle)
+        connection = _Connection(self, principal or self.principal, handle=handle, shared=shared)
         if session is not None:
             connection.era, connection.session = "handshake", session
             connection.opened.set()
@@ -195,12 +198,12 @@ class SessionLayer:
             _connection_var.reset(token)
 
     @contextmanager
-    def request(self, principal: str | None = None) -> Iterator[None]:
+    def request(self, principal: str | None = None, *, shared: bool = False) -> Iterator[None]:
         """One stand-alone request (a 2026-07-28 HTTP exchange) by ``principal``.
 
         No connection session: such requests reach sessions only through handles.
         """
-        connection = self.new_connection(principal)
+        connection = self.new_connection(principal, shared=shared)
         connection.era = "modern"
         with self.bind(connection):
             yield
@@ -222,7 +225,15 @@ class SessionLayer:
             connection.era = "modern" if modern else "handshake"
         if method == "initialize":
             await self._open_connection_session(connection, ctx.params or {})
-        with serving(self.supervisor, connection.principal), log_request(ctx.request_id):
+        with (
+            serving(
+                self.supervisor,
+                connection.principal,
+                shared=connection.shared,
+                connection=connection.session,
+            ),
+            log_request(ctx.request_id),
+        ):
             if method == "tools/call":
                 return await self._call_tool(ctx, call_next, connection, modern)
             if method == "tools/list":  # what the client sees, the layer knows

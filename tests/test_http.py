@@ -62,8 +62,10 @@ async def test_session_tools_work_in_every_mode(mode: str) -> None:
             assert got == {"state": {"a": 1}, "version": 1}
             listed = content(await client.call_tool("session_list", {}))
             kinds = sorted(s["kind"] for s in listed["sessions"])
-            # A handshake-era client has its connection session too.
-            assert kinds == (["connection", "handle"] if mode == "legacy" else ["handle"])
+            # Anonymous callers share one principal: a listing shows only what this
+            # caller holds by its connection (a handshake-era client's own session),
+            # never handles, which may be anyone's.
+            assert kinds == (["connection"] if mode == "legacy" else [])
             closed = content(await client.call_tool("session_close", {"session": handle}))
             assert closed["state"] == "terminated"
             gone = await client.call_tool("session_info", {"session": handle})
@@ -138,6 +140,10 @@ async def test_bearer_tokens_bind_handles_to_their_principal(tmp_path: Path) -> 
                 async with Client(streamable_http_client(url, http_client=bob), mode="auto") as b:
                     stolen = await b.call_tool("session_info", {"session": handle})
                     assert content(stolen)["error"]["code"] == "session_not_found"
+                    assert content(await b.call_tool("session_list", {}))["sessions"] == []
+                async with Client(streamable_http_client(url, http_client=alice), mode="auto") as a:
+                    listed = content(await a.call_tool("session_list", {}))["sessions"]
+                    assert [s["kind"] for s in listed] == ["handle"]
 
 
 async def test_a_handshake_session_resumes_on_another_server_sharing_the_store(
