@@ -288,3 +288,46 @@ async def test_an_idle_handshake_session_expires_and_its_id_then_answers_404() -
                 assert tomb.reason.value == "idle_timeout"
                 gone = await call(http, url, headers, "session_info", {})
                 assert gone.status_code == 404
+
+
+async def test_an_oversized_body_is_413_and_the_server_keeps_serving() -> None:
+    with trio.fail_after(30):
+        async with http_server(max_message_size=1024) as url, httpx.AsyncClient() as http:
+            big = await http.post(
+                url,
+                headers=ACCEPT | {"content-type": "application/json"},
+                content=b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"x": "'
+                + b"y" * 4096
+                + b'"}}',
+            )
+            assert big.status_code == 413
+            async with Client(url, mode="auto") as client:
+                assert content(await client.call_tool("session_open", {}))["session"]
+
+
+async def test_serving_a_public_address_without_authentication_needs_consent() -> None:
+    server: MCPServer[Any] = MCPServer("public")
+    with pytest.raises(ValueError, match="without authentication"):
+        await serve_http(server, host="0.0.0.0", port=0)
+
+
+async def test_closing_a_modern_response_stream_cancels_the_request() -> None:
+    server: MCPServer[Any] = MCPServer("cancel")
+    started, cancelled = trio.Event(), trio.Event()
+
+    @server.tool()
+    async def wait_forever() -> str:
+        started.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled.set()
+        return "never"
+
+    with trio.fail_after(30):
+        async with http_server(server=server) as url, Client(url, mode="2026-07-28") as client:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.call_tool, "wait_forever", {})
+                await started.wait()
+                nursery.cancel_scope.cancel()  # the client gives up: its stream closes
+            await cancelled.wait()
