@@ -83,6 +83,7 @@ def _check_environment_choices(parser: argparse.ArgumentParser, args: argparse.N
     for dest, name, choices in (
         ("log_level", "LOG_LEVEL", _LOG_LEVELS),
         ("log_format", "LOG_FORMAT", _LOG_FORMATS),
+        ("transport", "TRANSPORT", ("stdio", "http")),
     ):
         value = getattr(args, dest)
         if value not in choices:
@@ -100,12 +101,25 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve",
-        help="run the built-in session server over stdio",
-        description="Run the built-in MCP session server over stdio. Every option can also be "
+        help="run the built-in session server (stdio, or Streamable HTTP)",
+        description="Run the built-in MCP session server over stdio (the default) or MCP "
+        "Streamable HTTP at http://HOST:PORT/mcp. Every option can also be "
         "set with the MCP_SESSIONS_<OPTION> environment variable (e.g. "
         "MCP_SESSIONS_IDLE_TIMEOUT=600).",
     )
     opt = serve.add_argument
+    opt("--transport", default=_env("TRANSPORT", "stdio"), choices=("stdio", "http"),
+        type=str.lower, help="stdio (default) or http (env MCP_SESSIONS_TRANSPORT)")  # fmt: skip
+    opt("--host", default=_env("HOST", "127.0.0.1"),
+        help="HTTP: address to listen on (default 127.0.0.1)")  # fmt: skip
+    opt("--port", type=int, default=_env("PORT", "8000"),
+        help="HTTP: port to listen on (default 8000; 0 picks a free one)")  # fmt: skip
+    opt("--bearer-tokens", default=_env("BEARER_TOKENS"),
+        help='HTTP: file of {"<principal>": ["sha256:<hex of token>", ...]}; requests then '
+             "need 'Authorization: Bearer <token>' and act as that principal")  # fmt: skip
+    opt("--allow-anonymous", action="store_true",
+        default=_env("ALLOW_ANONYMOUS", "") in ("1", "true", "yes"),
+        help="HTTP: serve a non-loopback address without --bearer-tokens")  # fmt: skip
     opt("--store", default=_env("STORE"),
         help="session store: 'memory', 'sqlite:///path.db' or 'postgresql://...' "
              "(default: SQLite at $XDG_STATE_HOME/mcp-sessions/sessions.db; "
@@ -261,6 +275,19 @@ def main(argv: Sequence[str] | None = None, *, server: Any = None) -> int:
             raise ValueError(f"--max-message-size must be positive, got {max_message_size}")
     except (SettingsError, ValueError) as exc:
         parser.error(str(exc))
+    args.tokens = None
+    if args.transport == "http":
+        from ._http import load_bearer_tokens, loopback
+
+        try:
+            args.tokens = load_bearer_tokens(args.bearer_tokens) if args.bearer_tokens else None
+        except ValueError as exc:
+            parser.error(f"--bearer-tokens: {exc}")
+        if args.tokens is None and not loopback(args.host) and not args.allow_anonymous:
+            parser.error(
+                f"--host {args.host} without --bearer-tokens would serve anyone: "
+                "give --bearer-tokens, or --allow-anonymous to mean it"
+            )
     try:
         _serve(args, settings, max_message_size, store, server)
     except (StoreError, StoreUnavailable) as exc:
@@ -272,6 +299,20 @@ def main(argv: Sequence[str] | None = None, *, server: Any = None) -> int:
 def _serve(
     args: argparse.Namespace, settings: Settings, max_message_size: int, store: Any, server: Any
 ) -> None:
+    if args.transport == "http":
+        from ._http import run_http
+
+        run_http(
+            server if server is not None else build_server(),
+            host=args.host,
+            port=int(args.port),
+            settings=settings,
+            store=store,
+            bearer_tokens=args.tokens,
+            allow_anonymous=args.allow_anonymous,
+            max_message_size=max_message_size,
+        )
+        return
     run_stdio(
         server if server is not None else build_server(),
         settings=settings,

@@ -629,12 +629,14 @@ async def _serve(
             async with sessions.running(), trio.open_nursery() as nursery:
                 if options.handle_signals:
                     await nursery.start(_stop_on_signal, stopping)
-                await anycorn.serve(
-                    cast(Any, app),
-                    config,
-                    shutdown_trigger=stopping.wait,
-                    task_status=cast(Any, task_status),
+                serving = partial(
+                    anycorn.serve, cast(Any, app), config, shutdown_trigger=stopping.wait
                 )
+                async with trio.open_nursery() as server_nursery:
+                    urls: list[str] = await server_nursery.start(serving)
+                    logger.info("serving MCP over Streamable HTTP at %s", ", ".join(
+                        url + MCP_PATH for url in urls))  # fmt: skip
+                    task_status.started(urls)
                 nursery.cancel_scope.cancel()
     finally:
         server.middleware.remove(layer)

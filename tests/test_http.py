@@ -385,3 +385,73 @@ async def test_readyz_is_503_with_the_reason_while_the_store_is_down(pg_schema_n
                 while (await http.get(base + "/readyz")).status_code != 200:  # noqa: ASYNC110
                     await trio.sleep(0.1)
             nursery.cancel_scope.cancel()
+
+
+async def test_sigterm_drains_a_call_in_flight_then_stops() -> None:
+    import os
+    import signal
+
+    server: MCPServer[Any] = MCPServer("drain")
+    started = trio.Event()
+
+    @server.tool()
+    async def slow() -> str:
+        started.set()
+        await trio.sleep(0.5)
+        return "finished"
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            urls = await nursery.start(
+                lambda task_status: serve_http(
+                    server, port=0, handle_signals=True, shutdown_grace=5, task_status=task_status
+                )
+            )
+            url = urls[0] + "/mcp"
+            async with httpx.AsyncClient() as http:
+                headers = await handshake(http, url)
+                result: list[httpx.Response] = []
+
+                async def call_slow() -> None:
+                    result.append(await call(http, url, headers, "slow", {}))
+
+                async with trio.open_nursery() as calls:
+                    calls.start_soon(call_slow)
+                    await started.wait()
+                    os.kill(os.getpid(), signal.SIGTERM)
+            [answer] = result
+            assert answer.status_code == 200
+            assert _sse_result(answer)["content"][0]["text"] == "finished"
+            # serve_http returns by itself once drained: the nursery needs no cancel.
+
+
+async def test_the_command_serves_http_and_exits_0_on_sigterm(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MCP_SESSIONS_TRANSPORT="http", MCP_SESSIONS_PORT="0")
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "mcp_sessions", "serve", "--store", f"sqlite:///{tmp_path}/s.db"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert process.stderr is not None
+    with trio.fail_after(60):
+        seen = b""
+        while b"Streamable HTTP at " not in seen or not seen.endswith(b"\n"):
+            chunk = await process.stderr.receive_some(4096)
+            assert chunk, seen.decode()
+            seen += chunk
+        line = next(x for x in seen.decode().splitlines() if "Streamable HTTP at " in x)
+        url = line.split("Streamable HTTP at ", 1)[1].split(",")[0].strip()
+        async with Client(url, mode="legacy") as client:
+            opened = content(await client.call_tool("session_open", {}))
+            assert opened["session"]
+        process.send_signal(signal.SIGTERM)
+        assert await process.wait() == 0
+        assert process.stdout is not None
+        assert await process.stdout.receive_some(1) == b""  # nothing on stdout
