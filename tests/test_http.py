@@ -455,3 +455,23 @@ async def test_the_command_serves_http_and_exits_0_on_sigterm(tmp_path: Path) ->
         assert await process.wait() == 0
         assert process.stdout is not None
         assert await process.stdout.receive_some(1) == b""  # nothing on stdout
+
+
+async def test_a_principal_hook_decides_who_calls() -> None:
+    async def principal_from(request: Any) -> str | None:
+        user = request.headers.get("x-user")
+        return user if user in ("alice", "bob") else None
+
+    with trio.fail_after(30):
+        async with http_server(principal_from=principal_from) as url:
+            alice = httpx.AsyncClient(headers={"x-user": "alice"})
+            bob = httpx.AsyncClient(headers={"x-user": "bob"})
+            async with alice, bob, httpx.AsyncClient() as nobody:
+                refused = await nobody.post(url, headers=ACCEPT, json={"jsonrpc": "2.0"})
+                assert refused.status_code == 401
+                async with Client(streamable_http_client(url, http_client=alice)) as a:
+                    handle = content(await a.call_tool("session_open", {}))["session"]
+                    assert content(await a.call_tool("session_info", {"session": handle}))
+                async with Client(streamable_http_client(url, http_client=bob)) as b:
+                    other = await b.call_tool("session_info", {"session": handle})
+                    assert content(other)["error"]["code"] == "session_not_found"
