@@ -193,7 +193,9 @@ class Lifecycle:
     def kept(session: Session) -> bool:
         """Whether a durable store keeps ``session`` past its end here: one with a handle
         (a handle session, or an HTTP session) ended by a shutdown resumes after a restart."""
-        return session._reason is TerminationReason.SHUTDOWN and session.handle_hash is not None
+        if session._reason is not TerminationReason.SHUTDOWN:
+            return False
+        return session.kind is SessionKind.HANDLE or session.handle_hash is not None
 
     def end_as_told(self, session: Session, reason: TerminationReason | None) -> bool:
         """End a session that the store says has ended, whatever its state here.
