@@ -581,8 +581,8 @@ async def serve_http(
         await _serve(server, supervisor, options, task_status)
         return
     async with open_supervisor(settings, hooks=hooks, store=store) as own:
-        await _serve(server, own, options, task_status)
-        await own.shutdown(grace=grace)
+        aborted = await _serve(server, own, options, task_status)
+        await own.shutdown(grace=0 if aborted else grace)
 
 
 @attrs.frozen
@@ -600,46 +600,59 @@ async def _serve(
     supervisor: Supervisor,
     options: _Options,
     task_status: trio.TaskStatus[list[str]],
-) -> None:
-    import anycorn
-
+) -> bool:
+    """Serve until drained (or cancelled); True if a second signal cut the drain short."""
     layer = SessionLayer(server, supervisor, ANONYMOUS)
     await layer.refresh_tools()
-    host, port = options.host, options.port
-    security = _security(host)
+    security = _security(options.host)
     modern = StreamableHTTPSessionManager(
         app=server._lowlevel_server, stateless=True, security_settings=security
     )
     server.middleware.append(layer)
     try:
-        async with modern.run():
-            sessions = _HttpSessions(server, layer, security, modern_lifespan_state(modern))
-            app = HttpApp(
-                layer=layer,
-                principals=options.principals,
-                modern=modern,
-                sessions=sessions,
-                max_message_size=options.max_message_size,
-            )
-            config = anycorn.Config()
-            config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-            config.accesslog = None
-            config.graceful_timeout = options.grace
-            stopping = trio.Event()
-            async with sessions.running(), trio.open_nursery() as nursery:
-                if options.handle_signals:
-                    await nursery.start(_stop_on_signal, stopping)
-                serving = partial(
-                    anycorn.serve, cast(Any, app), config, shutdown_trigger=stopping.wait
-                )
-                async with trio.open_nursery() as server_nursery:
-                    urls: list[str] = await server_nursery.start(serving)
-                    logger.info("serving MCP over Streamable HTTP at %s", ", ".join(
-                        url + MCP_PATH for url in urls))  # fmt: skip
-                    task_status.started(urls)
-                nursery.cancel_scope.cancel()
+        with trio.CancelScope() as abort:
+            await _serve_app(server, layer, modern, security, options, abort, task_status)
+        return abort.cancelled_caught
     finally:
         server.middleware.remove(layer)
+
+
+async def _serve_app(
+    server: MCPServer[Any],
+    layer: SessionLayer,
+    modern: StreamableHTTPSessionManager,
+    security: TransportSecuritySettings | None,
+    options: _Options,
+    abort: trio.CancelScope,
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
+    import anycorn
+
+    host, port = options.host, options.port
+    async with modern.run():
+        sessions = _HttpSessions(server, layer, security, modern_lifespan_state(modern))
+        app = HttpApp(
+            layer=layer,
+            principals=options.principals,
+            modern=modern,
+            sessions=sessions,
+            max_message_size=options.max_message_size,
+        )
+        config = anycorn.Config()
+        config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+        config.accesslog = None
+        config.graceful_timeout = options.grace
+        stopping = trio.Event()
+        async with sessions.running(), trio.open_nursery() as nursery:
+            if options.handle_signals:
+                await nursery.start(_stop_on_signal, stopping, abort)
+            serving = partial(anycorn.serve, cast(Any, app), config, shutdown_trigger=stopping.wait)
+            async with trio.open_nursery() as server_nursery:
+                urls: list[str] = await server_nursery.start(serving)
+                logger.info("serving MCP over Streamable HTTP at %s", ", ".join(
+                    url + MCP_PATH for url in urls))  # fmt: skip
+                task_status.started(urls)
+            nursery.cancel_scope.cancel()
 
 
 def modern_lifespan_state(manager: StreamableHTTPSessionManager) -> Any:
@@ -657,15 +670,19 @@ def run_http(server: MCPServer[Any], **kwargs: Any) -> None:
 
 
 async def _stop_on_signal(
-    stopping: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    stopping: trio.Event,
+    abort: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The first SIGINT/SIGTERM drains; the next stops at once."""
+    """The first SIGINT/SIGTERM drains; the next stops serving at once."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         task_status.started()
         async for signum in signals:
             name = signal.Signals(signum).name
             if stopping.is_set():
                 logger.info("%s while draining: stopping now", name)
-                raise KeyboardInterrupt
+                abort.cancel()
+                return
             logger.info("%s: draining", name)
             stopping.set()
