@@ -20,6 +20,7 @@ from ._errors import (
     TooLarge,
     VersionConflict,
 )
+from ._http import load_bearer_tokens, run_http, serve_http
 from ._metrics import HistogramSnapshot, RuntimeStatistics, render_prometheus
 from ._runtime import (
     ClientInfo,
@@ -120,9 +121,12 @@ __all__ = [
     "current_session",
     "default_principal",
     "hash_handle",
+    "load_bearer_tokens",
     "open_supervisor",
     "render_prometheus",
+    "run_http",
     "run_stdio",
+    "serve_http",
     "serve_stdio",
     "session_context",
     "store_from_url",
