@@ -19,9 +19,12 @@ bound and is then skipped to its newline, so memory stays bounded.
 
 The transport tracks the ids of requests it has handed to the SDK until their
 answer is written (or the client cancels them). That is what a graceful stop
-waits for: on EOF, SIGINT or SIGTERM it stops reading, lets those requests
-finish for up to ``grace`` seconds, and only then tells the SDK the input has
-ended (the SDK cancels whatever is still running at that point). A broken
+waits for, except ``subscriptions/listen``: its response is a stream that
+lasts as long as the connection, not work in flight, so it is never waited
+for (the SDK ends it when told the input has ended). On EOF, SIGINT or
+SIGTERM the transport stops reading, lets those requests finish for up to
+``grace`` seconds, and only then tells the SDK the input has ended (the SDK
+cancels whatever is still running at that point). A broken
 stdout (the client is gone) stops at once: nobody is left to answer.
 
 Writes are shielded so a line is never cut in half by a cancellation; a hard
@@ -67,6 +70,8 @@ _CHUNK = 65536
 _FINAL_FLUSH_S = 1.0
 #: How often a watchdog checks whether the client closed our stdout.
 _STDOUT_POLL_INTERVAL = 0.25
+#: The request whose response is a stream of events (2026-07-28): not work in flight.
+_LISTEN = "subscriptions/listen"
 
 RequestKey = int | str
 ServeLoop = Callable[[Any, Any], Awaitable[None]]
@@ -142,6 +147,8 @@ class StdioTransport:
         self._write_scopes: set[trio.CancelScope] = set()
         self._broken = False
         self._pending: dict[RequestKey, int] = {}
+        #: Open ``subscriptions/listen`` streams: requests, but not work in flight.
+        self._listening: dict[RequestKey, int] = {}
         self._drained: trio.Event | None = None
         self._read_scope = trio.CancelScope()
         self._drain_scope = trio.CancelScope()
@@ -279,7 +286,10 @@ class StdioTransport:
         pending_id: RequestKey | None = None
         if isinstance(message, JSONRPCRequest):
             pending_id = coerce_request_id(message.id)
-            self._pending[pending_id] = self._pending.get(pending_id, 0) + 1
+            # A listen stream lasts until the client or the server ends it: a
+            # graceful stop must not wait for it (EOF to the SDK ends it).
+            track = self._listening if message.method == _LISTEN else self._pending
+            track[pending_id] = track.get(pending_id, 0) + 1
         elif isinstance(message, JSONRPCNotification):
             if _has_id(line):
                 # A request whose id is not a string or an integer: pydantic
@@ -344,11 +354,9 @@ class StdioTransport:
         request_id = coerce_request_id(request_id)
         count = self._pending.get(request_id)
         if count is None:
+            _decrement(self._listening, request_id)
             return
-        if count > 1:
-            self._pending[request_id] = count - 1
-            return
-        del self._pending[request_id]
+        _decrement(self._pending, request_id)
         if not self._pending and self._drained is not None:
             self._drained.set()
 
@@ -411,6 +419,16 @@ async def forward_signals(
             else:
                 logger.info("%s while stopping: stopping now", name)
                 transport.stop(name, hard=True)
+
+
+def _decrement(counts: dict[RequestKey, int], key: RequestKey) -> None:
+    count = counts.get(key)
+    if count is None:
+        return
+    if count > 1:
+        counts[key] = count - 1
+    else:
+        del counts[key]
 
 
 def _has_id(line: bytes) -> bool:
