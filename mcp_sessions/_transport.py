@@ -13,9 +13,12 @@ This module provides both over any pair of trio byte streams (on stdio, two
 
 Framing is newline-delimited JSON. The reader answers what the SDK would drop
 silently: a line that is not JSON (or not UTF-8) gets ``-32700`` with id
-``null``; a JSON value that is not a request object gets ``-32600``; a line
-longer than ``max_message_size`` gets ``-32600`` as soon as it crosses the
-bound and is then skipped to its newline, so memory stays bounded.
+``null``, and so does one holding ``NaN``/``Infinity`` or a number beyond the
+float range, which pydantic's parser would read (a cheap byte check first,
+then a strict re-parse only when the bytes could hold one); a JSON value that
+is not a request object gets ``-32600``; a line longer than
+``max_message_size`` gets ``-32600`` as soon as it crosses the bound and is
+then skipped to its newline, so memory stays bounded.
 
 The transport tracks the ids of requests it has handed to the SDK until their
 answer is written (or the client cancels them). That is what a graceful stop
@@ -27,6 +30,10 @@ SIGTERM the transport stops reading, lets those requests finish for up to
 cancels whatever is still running at that point). A broken
 stdout (the client is gone) stops at once: nobody is left to answer.
 
+What is written is strict JSON: pydantic writes a non-finite float as
+``null``, so a response whose result holds one is replaced by a ``-32603``
+error for that request rather than sent with its numbers silently changed.
+
 Writes are shielded so a line is never cut in half by a cancellation; a hard
 stop cancels them explicitly and marks the output broken, after which nothing
 more is written.
@@ -36,7 +43,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import select
 import signal
 from collections.abc import Awaitable, Callable
@@ -48,6 +57,7 @@ import trio
 from mcp.shared.dispatcher import coerce_request_id
 from mcp.shared.message import SessionMessage
 from mcp_types import (
+    INTERNAL_ERROR,
     INVALID_REQUEST,
     PARSE_ERROR,
     ErrorData,
@@ -57,7 +67,7 @@ from mcp_types import (
     JSONRPCResponse,
     jsonrpc_message_adapter,
 )
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "StdioTransport"]
 
@@ -91,6 +101,20 @@ class _LineWriter:
     async def send(self, item: SessionMessage, /) -> None:
         message = item.message
         data = message.model_dump_json(by_alias=True, exclude_unset=True).encode() + b"\n"
+        # pydantic writes a non-finite float as null (JSON has no NaN or Infinity):
+        # a result that changed that way is not the answer; say so instead.
+        if (
+            b"null" in data
+            and isinstance(message, JSONRPCResponse)
+            and _holds_non_finite(message.result)
+        ):
+            logger.warning("the result of request %r holds NaN or Infinity; answering an error",
+                           message.id)  # fmt: skip
+            data = _error_line(
+                message.id,
+                INTERNAL_ERROR,
+                "Internal error: the result holds NaN or Infinity, which JSON cannot carry",
+            )
         try:
             await self._transport._write(data)
         finally:
@@ -278,6 +302,14 @@ class StdioTransport:
     async def _handle_line(
         self, line: bytes, send: anyio.abc.ObjectSendStream[SessionMessage | Exception]
     ) -> None:
+        if _suspect_number(line) and _holds_non_json_number(line):
+            # pydantic reads NaN/Infinity literals and turns 1e400 into inf: not JSON.
+            await self._reply_error(
+                None,
+                PARSE_ERROR,
+                "Parse error: NaN, Infinity and numbers beyond the float range are not JSON",
+            )
+            return
         try:
             message = jsonrpc_message_adapter.validate_json(line, by_name=False)
         except (ValidationError, ValueError, RecursionError):
@@ -345,10 +377,7 @@ class StdioTransport:
         )
 
     async def _reply_error(self, request_id: RequestKey | None, code: int, message: str) -> None:
-        error = JSONRPCError(
-            jsonrpc="2.0", id=request_id, error=ErrorData(code=code, message=message)
-        )
-        await self._write(error.model_dump_json(by_alias=True, exclude_unset=True).encode() + b"\n")
+        await self._write(_error_line(request_id, code, message))
 
     def _settle(self, request_id: RequestKey) -> None:
         request_id = coerce_request_id(request_id)
@@ -419,6 +448,72 @@ async def forward_signals(
             else:
                 logger.info("%s while stopping: stopping now", name)
                 transport.stop(name, hard=True)
+
+
+def _error_line(request_id: RequestKey | None, code: int, message: str) -> bytes:
+    error = JSONRPCError(jsonrpc="2.0", id=request_id, error=ErrorData(code=code, message=message))
+    return error.model_dump_json(by_alias=True, exclude_unset=True).encode() + b"\n"
+
+
+#: An exponent of three digits or more (100 and up; only past 308 is it too big).
+_BIG_EXPONENT = re.compile(rb"[eE][+-]?0*[1-9][0-9]{2}")
+#: Digits as zeros: a run of 309 digits is then a plain substring search.
+_DIGITS_AS_ZEROS = bytes.maketrans(b"123456789", b"000000000")
+_LONG_DIGIT_RUN = b"0" * 309
+
+
+def _suspect_number(line: bytes) -> bool:
+    """A cheap byte check: may ``line`` hold NaN, Infinity or a number beyond the float range?
+
+    False means it cannot; True only means the strict re-parse must decide
+    (the bytes may be inside a string, or an exponent between 100 and 308).
+    """
+    if b"NaN" in line or b"Infinity" in line or _BIG_EXPONENT.search(line) is not None:
+        return True
+    return len(line) > 309 and _LONG_DIGIT_RUN in line.translate(_DIGITS_AS_ZEROS)
+
+
+class _NotJSONNumber(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotJSONNumber(name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotJSONNumber(text)
+    return value
+
+
+def _holds_non_json_number(line: bytes) -> bool:
+    """The strict re-parse: a NaN/Infinity literal or a float that overflows, outside strings."""
+    try:
+        json.loads(line, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except _NotJSONNumber:
+        return True
+    except (ValueError, RecursionError):
+        return False  # not JSON for another reason: the usual path answers it
+    return False
+
+
+def _holds_non_finite(value: object) -> bool:
+    """Whether a message's payload holds a float JSON cannot carry (NaN, +-Infinity)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, BaseModel):
+            stack.extend(vars(item).values())
+    return False
 
 
 def _decrement(counts: dict[RequestKey, int], key: RequestKey) -> None:

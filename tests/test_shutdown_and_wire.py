@@ -7,11 +7,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 from mcp.server.mcpserver import MCPServer
+from mcp.shared.message import SessionMessage
+from mcp_types import JSONRPCResponse
+from pydantic import ValidationError
 
 from mcp_sessions import Settings, serve_stdio
+from mcp_sessions._tools import install_session_tools
+from mcp_sessions._transport import StdioTransport
 
 META = {
     "io.modelcontextprotocol/protocolVersion": "2026-07-28",
@@ -72,11 +78,14 @@ class RawClient:
             if message.get("id") == i and "method" not in message:
                 return message
 
-    async def rest(self) -> list[dict[str, Any]]:
+    async def rest_lines(self) -> list[bytes]:
         lines = []
         while (line := await self.recv_line()) is not None:
-            lines.append(json.loads(line))
+            lines.append(line)
         return lines
+
+    async def rest(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in await self.rest_lines()]
 
 
 def slow_server() -> MCPServer[Any]:
@@ -152,3 +161,120 @@ async def test_only_a_listen_stream_open_stops_without_waiting_the_grace(
         await client.rest()
         await done.wait()
         assert trio.current_time() - start < 1  # was the whole grace period (10 s)
+
+
+# -- item 4: strict JSON on the wire -------------------------------------------------------
+
+
+def number_server() -> MCPServer[Any]:
+    server: MCPServer[Any] = MCPServer("numbers")
+
+    @server.tool()
+    async def echo_number(x: float) -> float:
+        return x
+
+    @server.tool()
+    async def not_a_number() -> dict[str, float]:
+        return {"x": float("nan"), "y": float("inf")}
+
+    return server
+
+
+NON_JSON_LINES = [
+    b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":NaN}}',
+    b'{"jsonrpc":"2.0","id":2,"method":"ping","params":{"x":Infinity}}',
+    b'{"jsonrpc":"2.0","id":3,"method":"ping","params":{"x":-Infinity}}',
+    b'{"jsonrpc":"2.0","id":4,"method":"ping","params":{"x":1e400}}',
+    b'{"jsonrpc":"2.0","id":5,"method":"ping","params":{"x":-1E+0400}}',
+    b'{"jsonrpc":"2.0","id":6,"method":"ping","params":{"x":1' + b"0" * 400 + b".5}}",
+    b'{"jsonrpc":"2.0","id":7,"method":"ping","params":NaN}',
+]
+
+
+async def test_nan_infinity_and_overflowing_numbers_get_parse_error(autojump_clock: Any) -> None:
+    async with in_process(number_server()) as (client, _done):
+        for line in NON_JSON_LINES:
+            await client.send(line)
+            reply = await client.recv()
+            assert reply["id"] is None, line
+            assert reply["error"]["code"] == -32700, line
+        # Still serving, still in sync; look-alikes that are JSON pass.
+        await client.send(tool(8, "echo_number", x=1e308))
+        reply = await client.answer(8)
+        assert reply["result"]["structuredContent"] == {"result": 1e308}
+        await client.send(tool(9, "echo_number", x=1.5e-300))
+        assert (await client.answer(9))["result"]["structuredContent"] == {"result": 1.5e-300}
+        text = "NaN Infinity 1e400 1" + "0" * 400
+        await client.send(request(10, "tools/call", {"name": "echo_number", "arguments": {"x": 2},
+                                                     "note": text}))  # fmt: skip
+        assert (await client.answer(10))["result"]["structuredContent"] == {"result": 2}
+        await client.stream.send_eof()
+        await client.rest()
+
+
+async def test_session_open_with_an_overflowing_idle_timeout(autojump_clock: Any) -> None:
+    async with in_process(MCPServer("open")) as (client, _done):
+        await client.send(
+            b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"session_open",'
+            b'"arguments":{"idle_timeout_s":1e400},"_meta":' + json.dumps(META).encode() + b"}}"
+        )
+        reply = await client.recv()
+        assert (reply["id"], reply["error"]["code"]) == (None, -32700)
+        await client.stream.send_eof()
+        await client.rest()
+
+
+async def test_session_open_refuses_an_infinite_idle_timeout(autojump_clock: Any) -> None:
+    # Infinity cannot come over stdio any more; from any other source it is invalid_arguments.
+    server: MCPServer[Any] = MCPServer("open")
+    await install_session_tools(server)
+    session_open = server._tool_manager.get_tool("session_open")
+    assert session_open is not None
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValidationError):
+            session_open.fn_metadata.validate_arguments({"idle_timeout_s": bad})
+    async with in_process(server) as (client, _done):
+        await client.send(tool(1, "session_open", idle_timeout_s="Infinity"))
+        reply = await client.answer(1)
+        assert reply["result"]["structuredContent"]["error"]["code"] == "invalid_arguments"
+        await client.stream.send_eof()
+        await client.rest()
+
+
+def strict_json(line: bytes) -> Any:
+    return json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} written"))
+
+
+async def test_a_result_holding_nan_is_answered_with_an_error_not_written() -> None:
+    client_end, server_end = trio.testing.memory_stream_pair()
+    transport = StdioTransport(server_end, server_end)
+    client = RawClient(client_end)
+    nan = {"x": [1.0, {"y": float("nan")}], "z": "NaN"}
+    await transport.writer.send(SessionMessage(JSONRPCResponse(jsonrpc="2.0", id=7, result=nan)))
+    reply = strict_json(await client.recv_line() or b"")
+    assert reply["id"] == 7
+    assert reply["error"]["code"] == -32603
+    assert "NaN or Infinity" in reply["error"]["message"]
+    fine = {"x": None, "z": "Infinity", "n": 1e308}
+    await transport.writer.send(SessionMessage(JSONRPCResponse(jsonrpc="2.0", id=8, result=fine)))
+    assert strict_json(await client.recv_line() or b"") == {
+        "jsonrpc": "2.0",
+        "id": 8,
+        "result": fine,
+    }
+
+
+async def test_a_tool_returning_nan_writes_only_strict_json(autojump_clock: Any) -> None:
+    async with in_process(number_server()) as (client, _done):
+        await client.send(tool(1, "not_a_number"))
+        while True:
+            line = await client.recv_line()
+            assert line is not None
+            reply = strict_json(line)
+            if reply.get("id") == 1:
+                break
+        await client.send(tool(2, "echo_number", x=3))  # still serving
+        assert (await client.answer(2))["result"]["structuredContent"] == {"result": 3}
+        await client.stream.send_eof()
+        for line in await client.rest_lines():
+            strict_json(line)
