@@ -179,6 +179,8 @@ class StdioTransport:
         self._stop_reason: str | None = None
         self._hard = False
         self._nursery: trio.Nursery | None = None
+        #: Called once on a hard stop (a second signal, a broken stdout).
+        self.on_hard_stop: Callable[[], None] | None = None
         self.writer = _LineWriter(self)
 
     # -- public -----------------------------------------------------------------
@@ -203,7 +205,10 @@ class StdioTransport:
             self._drain_scope.cancel()
             # A client that stopped reading must not hold us: abandon the write
             # in progress (nothing more is written after it).
+            first = not self._hard
             self._hard = True
+            if first and self.on_hard_stop is not None:
+                self.on_hard_stop()
             for scope in list(self._write_scopes):
                 scope.cancel()
 

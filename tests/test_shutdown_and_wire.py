@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +21,7 @@ from mcp_types import JSONRPCResponse
 from pydantic import ValidationError
 
 from mcp_sessions import Settings, serve_stdio
+from mcp_sessions._stopping import StoreWaits
 from mcp_sessions._tools import install_session_tools
 from mcp_sessions._transport import StdioTransport
 
@@ -278,3 +284,96 @@ async def test_a_tool_returning_nan_writes_only_strict_json(autojump_clock: Any)
         await client.stream.send_eof()
         for line in await client.rest_lines():
             strict_json(line)
+
+
+# -- item 6: "at once" does not wait for a locked store ------------------------------------
+
+
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": "init",
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "1"},
+    },
+}
+
+
+@asynccontextmanager
+async def locked_sqlite_server(
+    tmp_path: Path, grace: float, **kwargs: Any
+) -> AsyncIterator[tuple[RawClient, trio.Event]]:
+    """A server on a SQLite store with a connection session and a handle session open;
+    then another connection takes the write lock (``BEGIN IMMEDIATE``) and holds it."""
+    path = tmp_path / "sessions.db"
+    server: MCPServer[Any] = MCPServer("locked")
+    settings = Settings(shutdown_grace=grace)
+    async with in_process(server, store=f"sqlite:///{path}", settings=settings, **kwargs) as (
+        client,
+        done,
+    ):
+        await client.send(INITIALIZE)
+        await client.answer("init")
+        await client.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        await client.send({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                           "params": {"name": "session_open", "arguments": {}}})  # fmt: skip
+        assert "result" in await client.answer(1)
+        locker = sqlite3.connect(path, isolation_level=None)
+        try:
+            locker.execute("BEGIN IMMEDIATE")
+            yield client, done
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+
+
+async def test_a_locked_store_holds_a_stop_no_longer_than_the_grace(tmp_path: Path) -> None:
+    grace = 1.0
+    with trio.fail_after(60):  # hang guard; it took 25 s
+        async with locked_sqlite_server(tmp_path, grace) as (client, done):
+            start = time.monotonic()
+            await client.stream.send_eof()
+            await client.rest()
+            await done.wait()
+            elapsed = time.monotonic() - start
+    assert elapsed < grace + 2.0
+
+
+async def test_a_second_signal_stops_at_once_with_the_store_locked(tmp_path: Path) -> None:
+    grace = 30.0
+    with trio.fail_after(60):  # hang guard
+        async with locked_sqlite_server(tmp_path, grace, handle_signals=True) as (client, done):
+            start = time.monotonic()
+            os.kill(os.getpid(), signal.SIGTERM)
+            # (Another signal: trio delivers a signal pending twice only once.)
+            os.kill(os.getpid(), signal.SIGINT)
+            await done.wait()
+            elapsed = time.monotonic() - start
+            await client.stream.send_eof()
+    assert elapsed < 3.0  # not the 30 s grace, nor the store's timeouts
+
+
+async def test_abandoning_ends_a_shielded_wait_already_running(autojump_clock: Any) -> None:
+    waits = StoreWaits()
+    ended_at: list[float] = []
+
+    async def write() -> None:
+        with trio.CancelScope(shield=True), waits.bounded(100):
+            await trio.sleep(1000)  # a store that does not answer
+        ended_at.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write)
+        nursery.start_soon(write)
+        await trio.sleep(1)
+        waits.limit(trio.current_time() + 5)  # the stop's budget: running waits too
+        await trio.sleep(1)
+        assert ended_at == []
+        waits.abandon()  # a second signal
+        nursery.cancel_scope.cancel()  # (shielded: this alone would not end them)
+    assert ended_at == [2, 2]
+    with waits.bounded(100) as scope:  # a later wait ends at once
+        await trio.sleep(1)
+    assert scope.cancelled_caught
