@@ -25,6 +25,8 @@ from mcp_sessions._stopping import StoreWaits
 from mcp_sessions._tools import install_session_tools
 from mcp_sessions._transport import StdioTransport
 
+from .test_store_contract import PG_DSN, PG_SKIP, drop_pg_schema, pg_schema
+
 META = {
     "io.modelcontextprotocol/protocolVersion": "2026-07-28",
     "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "1"},
@@ -301,6 +303,16 @@ INITIALIZE = {
 }
 
 
+async def open_two_sessions(client: RawClient) -> None:
+    """A legacy handshake (a connection session) and ``session_open`` (a handle session)."""
+    await client.send(INITIALIZE)
+    await client.answer("init")
+    await client.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+    await client.send({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                       "params": {"name": "session_open", "arguments": {}}})  # fmt: skip
+    assert "result" in await client.answer(1)
+
+
 @asynccontextmanager
 async def locked_sqlite_server(
     tmp_path: Path, grace: float, **kwargs: Any
@@ -314,12 +326,7 @@ async def locked_sqlite_server(
         client,
         done,
     ):
-        await client.send(INITIALIZE)
-        await client.answer("init")
-        await client.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
-        await client.send({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-                           "params": {"name": "session_open", "arguments": {}}})  # fmt: skip
-        assert "result" in await client.answer(1)
+        await open_two_sessions(client)
         locker = sqlite3.connect(path, isolation_level=None)
         try:
             locker.execute("BEGIN IMMEDIATE")
@@ -377,3 +384,32 @@ async def test_abandoning_ends_a_shielded_wait_already_running(autojump_clock: A
     with waits.bounded(100) as scope:  # a later wait ends at once
         await trio.sleep(1)
     assert scope.cancelled_caught
+
+
+@pytest.mark.skipif(PG_DSN is None, reason=PG_SKIP)
+async def test_a_postgresql_row_lock_holds_a_stop_no_longer_than_the_grace() -> None:
+    import psycopg
+
+    assert PG_DSN is not None
+    schema = pg_schema()
+    grace = 2.0
+    server: MCPServer[Any] = MCPServer("pg-locked")
+    settings = Settings(shutdown_grace=grace)
+    store = f"{PG_DSN}?schema={schema}"
+    try:
+        with trio.fail_after(60):  # hang guard; it took 12.5 s
+            async with in_process(server, store=store, settings=settings) as (client, done):
+                await open_two_sessions(client)
+                with psycopg.connect(PG_DSN) as locker:
+                    locker.execute(f'SET search_path TO "{schema}"')
+                    locker.execute("SELECT * FROM sessions FOR UPDATE")
+                    locker.execute("SELECT * FROM instances FOR UPDATE")
+                    start = time.monotonic()
+                    await client.stream.send_eof()
+                    await client.rest()
+                    await done.wait()
+                    elapsed = time.monotonic() - start
+                    locker.rollback()
+        assert elapsed < grace + 2.0
+    finally:
+        drop_pg_schema(schema)
