@@ -41,6 +41,7 @@ from ._layer import SessionLayer
 from ._resources import install_session_resources
 from ._runtime import Hooks, Supervisor, open_supervisor
 from ._settings import Settings
+from ._stopping import MIN_STORE_WAIT_S
 from ._store import SessionStore
 from ._tools import install_session_tools
 from ._transport import DEFAULT_MAX_MESSAGE_SIZE, StdioTransport, claim_stdio, forward_signals
@@ -48,8 +49,6 @@ from ._transport import DEFAULT_MAX_MESSAGE_SIZE, StdioTransport, claim_stdio, f
 __all__ = ["default_principal", "run_stdio", "serve_connection", "serve_stdio"]
 
 logger = logging.getLogger("mcp_sessions.server")
-#: However short the grace period, an answering store gets this long for the last writes.
-_MIN_STORE_WAIT_S = 1.0
 
 
 def default_principal() -> str:
@@ -167,7 +166,7 @@ async def serve_stdio(
                         own.abandon_store_waits()
 
                     def served() -> None:
-                        own.limit_store_waits(max(grace, _MIN_STORE_WAIT_S))
+                        own.limit_store_waits(max(grace, MIN_STORE_WAIT_S))
 
                     await _serve_with(server, own, principal, transport, on_served=served)
                     await own.shutdown(grace=0 if transport.broken else grace)

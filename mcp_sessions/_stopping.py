@@ -25,7 +25,10 @@ from contextlib import contextmanager
 
 import trio
 
-__all__ = ["StoreWaits"]
+__all__ = ["MIN_STORE_WAIT_S", "StoreWaits"]
+
+#: However short the grace period, an answering store gets this long for a stop's writes.
+MIN_STORE_WAIT_S = 1.0
 
 
 class StoreWaits:

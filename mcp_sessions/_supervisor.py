@@ -84,7 +84,7 @@ from ._session import (
 )
 from ._settings import LimitPolicy, Settings
 from ._state import SessionState, TerminationReason
-from ._stopping import StoreWaits
+from ._stopping import MIN_STORE_WAIT_S, StoreWaits
 from ._store import SessionRecord, SessionStore, StoreHealth
 from ._sync import LocalSync, StoreSync
 from ._sync_store import DurableSync
@@ -94,8 +94,6 @@ __all__ = ["Supervisor", "open_supervisor"]
 
 logger = logging.getLogger("mcp_sessions")
 _S = SessionState
-#: However short the grace period, an answering store gets this long for the last writes.
-_MIN_STORE_WAIT_S = 1.0
 
 
 class Supervisor:
@@ -241,7 +239,7 @@ class Supervisor:
         with trio.move_on_after(grace):
             await self._requests.wait_quiet()
         # From here on the store gets one grace period in all, not a timeout per write.
-        self.limit_store_waits(max(grace, _MIN_STORE_WAIT_S))
+        self.limit_store_waits(max(grace, MIN_STORE_WAIT_S))
         for session in self._registry:
             self._lifecycle.terminate(session, TerminationReason.SHUTDOWN)
         while len(self._registry):

@@ -320,7 +320,7 @@ async def locked_sqlite_server(
     """A server on a SQLite store with a connection session and a handle session open;
     then another connection takes the write lock (``BEGIN IMMEDIATE``) and holds it."""
     path = tmp_path / "sessions.db"
-    server: MCPServer[Any] = MCPServer("locked")
+    server = slow_server()
     settings = Settings(shutdown_grace=grace)
     async with in_process(server, store=f"sqlite:///{path}", settings=settings, **kwargs) as (
         client,
@@ -360,6 +360,19 @@ async def test_a_second_signal_stops_at_once_with_the_store_locked(tmp_path: Pat
             elapsed = time.monotonic() - start
             await client.stream.send_eof()
     assert elapsed < 3.0  # not the 30 s grace, nor the store's timeouts
+
+
+async def test_a_closed_stdout_stops_at_once_with_the_store_locked(tmp_path: Path) -> None:
+    grace = 30.0
+    with trio.fail_after(60):  # hang guard
+        async with locked_sqlite_server(tmp_path, grace) as (client, done):
+            slow = {"name": "slow", "arguments": {"seconds": 0.2}}  # (a legacy connection)
+            await client.send({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": slow})
+            start = time.monotonic()
+            await client.stream.aclose()  # the client is gone: its answer cannot be written
+            await done.wait()
+            elapsed = time.monotonic() - start
+    assert elapsed < 3.0  # the call's 0.2 s; not the 30 s grace, nor the store's timeouts
 
 
 async def test_abandoning_ends_a_shielded_wait_already_running(autojump_clock: Any) -> None:
