@@ -181,6 +181,7 @@ class StdioTransport:
         self._nursery: trio.Nursery | None = None
         #: Called once on a hard stop (a second signal, a broken stdout).
         self.on_hard_stop: Callable[[], None] | None = None
+        self._at_once = False
         self.writer = _LineWriter(self)
 
     # -- public -----------------------------------------------------------------
@@ -196,7 +197,13 @@ class StdioTransport:
         return self._stop_reason
 
     def stop(self, reason: str = "stop", *, hard: bool = False) -> None:
-        """Stop reading; with ``hard``, also skip the grace period and abandon writes."""
+        """Stop reading; with ``hard``, also skip the grace period and abandon writes.
+
+        A hard stop (a second signal, a broken stdout) also calls ``on_hard_stop``.
+        """
+        self._stop(reason, hard=hard, at_once=hard)
+
+    def _stop(self, reason: str, *, hard: bool, at_once: bool) -> None:
         if self._stop_reason is None:
             self._stop_reason = reason
             logger.info("stdio transport stopping (%s)", reason)
@@ -205,12 +212,13 @@ class StdioTransport:
             self._drain_scope.cancel()
             # A client that stopped reading must not hold us: abandon the write
             # in progress (nothing more is written after it).
-            first = not self._hard
             self._hard = True
-            if first and self.on_hard_stop is not None:
-                self.on_hard_stop()
             for scope in list(self._write_scopes):
                 scope.cancel()
+        if at_once and not self._at_once:  # (not when only the final flush timed out)
+            self._at_once = True
+            if self.on_hard_stop is not None:
+                self.on_hard_stop()
 
     async def serve(self, loop: ServeLoop) -> None:
         """Run ``loop(read_stream, write_stream)`` over this transport until it ends."""
@@ -234,7 +242,8 @@ class StdioTransport:
 
     async def _hard_stop_after(self, seconds: float) -> None:
         await trio.sleep(seconds)
-        self.stop(self._stop_reason or "grace", hard=True)
+        # Only the writes: a client that stopped reading says nothing of the store.
+        self._stop(self._stop_reason or "grace", hard=True, at_once=False)
 
     async def _reader(self, send: anyio.abc.ObjectSendStream[SessionMessage | Exception]) -> None:
         async with send:

@@ -426,3 +426,17 @@ async def test_a_postgresql_row_lock_holds_a_stop_no_longer_than_the_grace() -> 
         assert elapsed < grace + 2.0
     finally:
         drop_pg_schema(schema)
+
+
+async def test_only_a_hard_stop_abandons_the_store_not_the_final_flush() -> None:
+    _client_end, server_end = trio.testing.memory_stream_pair()
+    transport = StdioTransport(server_end, server_end)
+    calls: list[str] = []
+    transport.on_hard_stop = lambda: calls.append("abandon the store")
+    # The grace period ran out and the answers did not get out within the final
+    # flush: the writes are abandoned, the store is not.
+    await transport._hard_stop_after(0)
+    assert calls == []
+    transport.stop("SIGTERM", hard=True)  # a second signal: once, however many
+    transport.stop("broken", hard=True)
+    assert calls == ["abandon the store"]
