@@ -41,6 +41,7 @@ from ._layer import SessionLayer
 from ._resources import install_session_resources
 from ._runtime import Hooks, Supervisor, open_supervisor
 from ._settings import Settings
+from ._stopping import MIN_STORE_WAIT_S
 from ._store import SessionStore
 from ._tools import install_session_tools
 from ._transport import DEFAULT_MAX_MESSAGE_SIZE, StdioTransport, claim_stdio, forward_signals
@@ -75,15 +76,25 @@ async def serve_connection(
     server: MCPServer[Any],
     layer: SessionLayer,
     transport: StdioTransport,
+    *,
+    on_served: Callable[[], None] | None = None,
 ) -> None:
-    """Serve one connection (one stream pair) with ``layer``; end its session at EOF."""
+    """Serve one connection (one stream pair) with ``layer``; end its session at EOF.
+
+    ``on_served`` is called when the transport is done, before the connection
+    session ends.
+    """
     lowlevel = _lowlevel(server)
 
     async def loop(read_stream: Any, write_stream: Any) -> None:
         await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
 
     async with layer.connection():
-        await transport.serve(loop)
+        try:
+            await transport.serve(loop)
+        finally:
+            if on_served is not None:
+                on_served()
 
 
 async def serve_stdio(
@@ -148,7 +159,16 @@ async def serve_stdio(
                 await _serve_with(server, supervisor, principal, transport)
             else:
                 async with open_supervisor(settings, hooks=hooks, store=store) as own:
-                    await _serve_with(server, own, principal, transport)
+                    # The process stops with this connection: from then on the store
+                    # gets one grace period in all, and nothing after a hard stop.
+                    transport.on_hard_stop = own.abandon_store_waits
+                    if transport.broken:  # (already, while the store opened)
+                        own.abandon_store_waits()
+
+                    def served() -> None:
+                        own.limit_store_waits(max(grace, MIN_STORE_WAIT_S))
+
+                    await _serve_with(server, own, principal, transport, on_served=served)
                     await own.shutdown(grace=0 if transport.broken else grace)
             nursery.cancel_scope.cancel()
     finally:
@@ -160,14 +180,19 @@ async def serve_stdio(
 
 
 async def _serve_with(
-    server: MCPServer[Any], supervisor: Supervisor, principal: str | None, transport: StdioTransport
+    server: MCPServer[Any],
+    supervisor: Supervisor,
+    principal: str | None,
+    transport: StdioTransport,
+    *,
+    on_served: Callable[[], None] | None = None,
 ) -> None:
     layer = SessionLayer(server, supervisor, principal or default_principal())
     await layer.refresh_tools()  # after the built-in tools are installed
     middleware = server.middleware
     middleware.append(layer)
     try:
-        await serve_connection(server, layer, transport)
+        await serve_connection(server, layer, transport, on_served=on_served)
     finally:
         middleware.remove(layer)
 

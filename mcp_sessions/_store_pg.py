@@ -282,4 +282,6 @@ class PostgresStore(SQLStoreBase):
             await self._stop_worker()
             pool, self._pool = self._pool, None
             if pool is not None:
-                await trio.to_thread.run_sync(lambda: pool.close(timeout=5.0))
+                await trio.to_thread.run_sync(
+                    lambda: pool.close(timeout=5.0), abandon_on_cancel=True
+                )

@@ -126,7 +126,9 @@ class SQLStoreBase:
         worker, self._worker = self._worker, None
         if worker is not None:
             worker.stop()
-            await trio.to_thread.run_sync(worker.join)
+            # Abandonable: a stop that cannot wait (the caller's deadline, a second
+            # signal) leaves the daemon threads to finish or die with the process.
+            await trio.to_thread.run_sync(worker.join, abandon_on_cancel=True)
 
     def _raise_mapped(self, exc: Exception) -> NoReturn:
         """Re-raise ``exc``: ours as they are, a driver failure as what it stands for."""

@@ -84,6 +84,7 @@ from ._session import (
 )
 from ._settings import LimitPolicy, Settings
 from ._state import SessionState, TerminationReason
+from ._stopping import MIN_STORE_WAIT_S, StoreWaits
 from ._store import SessionRecord, SessionStore, StoreHealth
 from ._sync import LocalSync, StoreSync
 from ._sync_store import DurableSync
@@ -140,6 +141,7 @@ class Supervisor:
             teardown_timeout=settings.teardown_timeout,
         )
         self._sync: StoreSync
+        self._store_waits = StoreWaits()
         if store is None:
             self._sync = LocalSync(registry, metrics, clock, settings.max_state_bytes)
         else:
@@ -154,6 +156,7 @@ class Supervisor:
             )
             lifecycle.idle_grace = durable.idle_grace
             lifecycle.keeps_handles = store.durable
+            self._store_waits = durable.store_waits
             self._sync = durable
         self._requests = requests = Requests(lifecycle, metrics, self._sync.activity)
         self._tasks = SessionTasks(
@@ -235,19 +238,40 @@ class Supervisor:
                     len(self._registry), self._requests.in_flight)  # fmt: skip
         with trio.move_on_after(grace):
             await self._requests.wait_quiet()
+        # From here on the store gets one grace period in all, not a timeout per write.
+        self.limit_store_waits(max(grace, MIN_STORE_WAIT_S))
         for session in self._registry:
             self._lifecycle.terminate(session, TerminationReason.SHUTDOWN)
         while len(self._registry):
             if self._empty is None:
                 self._empty = trio.Event()
             await self._empty.wait()
-        with trio.move_on_after(self.settings.teardown_timeout):
+        with self._store_waits.bounded(self.settings.teardown_timeout):
             await self._sync.flush()
         if self._observers is not None:
             with trio.move_on_after(self.settings.teardown_timeout):
                 await self._observers.aclose()
         self._nursery.cancel_scope.cancel()
         await self._stopped.wait()
+
+    def limit_store_waits(self, seconds: float) -> None:
+        """The process is stopping: every wait on the store ends within ``seconds`` from now.
+
+        Bounds the writes of a stop (sessions' ends, the last activity, the
+        instance's removal, the store's queue) that a locked store would make
+        wait out one timeout after another. Only ever shortens the bound.
+        """
+        self._store_waits.limit(trio.current_time() + seconds)
+
+    def abandon_store_waits(self) -> None:
+        """Stop at once: end every wait on the store now (a second signal, a gone client).
+
+        Acknowledged writes are durable already; what is still being written
+        may be lost, as in a crash.
+        """
+        if not self._store_waits.abandoned:
+            logger.info("stopping at once: not waiting for the store")
+        self._store_waits.abandon()
 
     # -- sessions ------------------------------------------------------------------------
 
@@ -372,7 +396,8 @@ class Supervisor:
         ends the session here anyway (the store's sweep catches up later).
         """
         if session.live:
-            await self._sync.closing(session, reason)
+            with self._store_waits.bounded():  # a stop may not wait for the store
+                await self._sync.closing(session, reason)
         if session.live:
             self._lifecycle.terminate(session, reason)
         await self.wait_terminated(session)

@@ -52,6 +52,7 @@ from ._requests import Requests
 from ._session import Session, SessionKind
 from ._settings import LimitPolicy, Settings
 from ._state import SessionState, TerminationReason
+from ._stopping import StoreWaits
 from ._store import (
     LIVE,
     Limits,
@@ -248,6 +249,8 @@ class DurableSync(_Base):
         self._adopt = adopt
         self.durable = store.durable
         self.error: str | None = None
+        #: Bounds the waits on the store while the process stops (the supervisor moves it).
+        self.store_waits = StoreWaits()
         #: Idle expiry waits up to this much longer with a durable (so possibly
         #: shared) store: use elsewhere may not be written yet. The rule takes
         #: at most a quarter of each session's idle timeout (see _expiry).
@@ -307,12 +310,15 @@ class DurableSync(_Base):
 
     async def aclose(self) -> None:
         try:
-            with trio.move_on_after(self._settings.teardown_timeout):
+            with self.store_waits.bounded(self._settings.teardown_timeout):
                 await self.instance.remove()
         except Exception as exc:
             logger.warning("could not remove this instance from the store: %s", exc)
         finally:
-            await self._store.aclose()
+            with self.store_waits.bounded() as scope:
+                await self._store.aclose()
+            if scope.cancelled_caught:
+                logger.warning("stopped without waiting for the store's last operations")
 
     def tasks(self) -> Sequence[Task]:
         return (
@@ -629,7 +635,7 @@ class DurableSync(_Base):
         touch = self._activity.take_touch(session, st, final=True)
         store = self._store
         keep = self._lifecycle.kept(session)
-        with trio.move_on_after(self._settings.teardown_timeout):
+        with self.store_waits.bounded(self._settings.teardown_timeout):
             try:
                 if keep and store.durable:
                     await self._call(store.touch([touch]))  # kept: it resumes after a restart

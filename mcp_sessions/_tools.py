@@ -56,7 +56,8 @@ _Handle = Annotated[
 
 async def session_open(
     idle_timeout_s: Annotated[
-        float | None, Field(gt=0, description="Idle timeout in seconds (default: server's)")
+        float | None,
+        Field(gt=0, allow_inf_nan=False, description="Idle timeout in seconds (default: server's)"),
     ] = None,
     metadata: Annotated[
         dict[str, Any] | None, Field(description="Free-form JSON kept with the session")

@@ -13,16 +13,26 @@ This module provides both over any pair of trio byte streams (on stdio, two
 
 Framing is newline-delimited JSON. The reader answers what the SDK would drop
 silently: a line that is not JSON (or not UTF-8) gets ``-32700`` with id
-``null``; a JSON value that is not a request object gets ``-32600``; a line
-longer than ``max_message_size`` gets ``-32600`` as soon as it crosses the
-bound and is then skipped to its newline, so memory stays bounded.
+``null``, and so does one holding ``NaN``/``Infinity`` or a number beyond the
+float range, which pydantic's parser would read (a cheap byte check first,
+then a strict re-parse only when the bytes could hold one); a JSON value that
+is not a request object gets ``-32600``; a line longer than
+``max_message_size`` gets ``-32600`` as soon as it crosses the bound and is
+then skipped to its newline, so memory stays bounded.
 
 The transport tracks the ids of requests it has handed to the SDK until their
 answer is written (or the client cancels them). That is what a graceful stop
-waits for: on EOF, SIGINT or SIGTERM it stops reading, lets those requests
-finish for up to ``grace`` seconds, and only then tells the SDK the input has
-ended (the SDK cancels whatever is still running at that point). A broken
+waits for, except ``subscriptions/listen``: its response is a stream that
+lasts as long as the connection, not work in flight, so it is never waited
+for (the SDK ends it when told the input has ended). On EOF, SIGINT or
+SIGTERM the transport stops reading, lets those requests finish for up to
+``grace`` seconds, and only then tells the SDK the input has ended (the SDK
+cancels whatever is still running at that point). A broken
 stdout (the client is gone) stops at once: nobody is left to answer.
+
+What is written is strict JSON: pydantic writes a non-finite float as
+``null``, so a response whose result holds one is replaced by a ``-32603``
+error for that request rather than sent with its numbers silently changed.
 
 Writes are shielded so a line is never cut in half by a cancellation; a hard
 stop cancels them explicitly and marks the output broken, after which nothing
@@ -33,7 +43,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import select
 import signal
 from collections.abc import Awaitable, Callable
@@ -45,6 +57,7 @@ import trio
 from mcp.shared.dispatcher import coerce_request_id
 from mcp.shared.message import SessionMessage
 from mcp_types import (
+    INTERNAL_ERROR,
     INVALID_REQUEST,
     PARSE_ERROR,
     ErrorData,
@@ -54,7 +67,7 @@ from mcp_types import (
     JSONRPCResponse,
     jsonrpc_message_adapter,
 )
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "StdioTransport"]
 
@@ -67,6 +80,8 @@ _CHUNK = 65536
 _FINAL_FLUSH_S = 1.0
 #: How often a watchdog checks whether the client closed our stdout.
 _STDOUT_POLL_INTERVAL = 0.25
+#: The request whose response is a stream of events (2026-07-28): not work in flight.
+_LISTEN = "subscriptions/listen"
 
 RequestKey = int | str
 ServeLoop = Callable[[Any, Any], Awaitable[None]]
@@ -86,6 +101,20 @@ class _LineWriter:
     async def send(self, item: SessionMessage, /) -> None:
         message = item.message
         data = message.model_dump_json(by_alias=True, exclude_unset=True).encode() + b"\n"
+        # pydantic writes a non-finite float as null (JSON has no NaN or Infinity):
+        # a result that changed that way is not the answer; say so instead.
+        if (
+            b"null" in data
+            and isinstance(message, JSONRPCResponse)
+            and _holds_non_finite(message.result)
+        ):
+            logger.warning("the result of request %r holds NaN or Infinity; answering an error",
+                           message.id)  # fmt: skip
+            data = _error_line(
+                message.id,
+                INTERNAL_ERROR,
+                "Internal error: the result holds NaN or Infinity, which JSON cannot carry",
+            )
         try:
             await self._transport._write(data)
         finally:
@@ -142,12 +171,17 @@ class StdioTransport:
         self._write_scopes: set[trio.CancelScope] = set()
         self._broken = False
         self._pending: dict[RequestKey, int] = {}
+        #: Open ``subscriptions/listen`` streams: requests, but not work in flight.
+        self._listening: dict[RequestKey, int] = {}
         self._drained: trio.Event | None = None
         self._read_scope = trio.CancelScope()
         self._drain_scope = trio.CancelScope()
         self._stop_reason: str | None = None
         self._hard = False
         self._nursery: trio.Nursery | None = None
+        #: Called once on a hard stop (a second signal, a broken stdout).
+        self.on_hard_stop: Callable[[], None] | None = None
+        self._at_once = False
         self.writer = _LineWriter(self)
 
     # -- public -----------------------------------------------------------------
@@ -163,7 +197,13 @@ class StdioTransport:
         return self._stop_reason
 
     def stop(self, reason: str = "stop", *, hard: bool = False) -> None:
-        """Stop reading; with ``hard``, also skip the grace period and abandon writes."""
+        """Stop reading; with ``hard``, also skip the grace period and abandon writes.
+
+        A hard stop (a second signal, a broken stdout) also calls ``on_hard_stop``.
+        """
+        self._stop(reason, hard=hard, at_once=hard)
+
+    def _stop(self, reason: str, *, hard: bool, at_once: bool) -> None:
         if self._stop_reason is None:
             self._stop_reason = reason
             logger.info("stdio transport stopping (%s)", reason)
@@ -175,6 +215,10 @@ class StdioTransport:
             self._hard = True
             for scope in list(self._write_scopes):
                 scope.cancel()
+        if at_once and not self._at_once:  # (not when only the final flush timed out)
+            self._at_once = True
+            if self.on_hard_stop is not None:
+                self.on_hard_stop()
 
     async def serve(self, loop: ServeLoop) -> None:
         """Run ``loop(read_stream, write_stream)`` over this transport until it ends."""
@@ -198,7 +242,8 @@ class StdioTransport:
 
     async def _hard_stop_after(self, seconds: float) -> None:
         await trio.sleep(seconds)
-        self.stop(self._stop_reason or "grace", hard=True)
+        # Only the writes: a client that stopped reading says nothing of the store.
+        self._stop(self._stop_reason or "grace", hard=True, at_once=False)
 
     async def _reader(self, send: anyio.abc.ObjectSendStream[SessionMessage | Exception]) -> None:
         async with send:
@@ -271,6 +316,14 @@ class StdioTransport:
     async def _handle_line(
         self, line: bytes, send: anyio.abc.ObjectSendStream[SessionMessage | Exception]
     ) -> None:
+        if _suspect_number(line) and _holds_non_json_number(line):
+            # pydantic reads NaN/Infinity literals and turns 1e400 into inf: not JSON.
+            await self._reply_error(
+                None,
+                PARSE_ERROR,
+                "Parse error: NaN, Infinity and numbers beyond the float range are not JSON",
+            )
+            return
         try:
             message = jsonrpc_message_adapter.validate_json(line, by_name=False)
         except (ValidationError, ValueError, RecursionError):
@@ -279,7 +332,10 @@ class StdioTransport:
         pending_id: RequestKey | None = None
         if isinstance(message, JSONRPCRequest):
             pending_id = coerce_request_id(message.id)
-            self._pending[pending_id] = self._pending.get(pending_id, 0) + 1
+            # A listen stream lasts until the client or the server ends it: a
+            # graceful stop must not wait for it (EOF to the SDK ends it).
+            track = self._listening if message.method == _LISTEN else self._pending
+            track[pending_id] = track.get(pending_id, 0) + 1
         elif isinstance(message, JSONRPCNotification):
             if _has_id(line):
                 # A request whose id is not a string or an integer: pydantic
@@ -335,20 +391,15 @@ class StdioTransport:
         )
 
     async def _reply_error(self, request_id: RequestKey | None, code: int, message: str) -> None:
-        error = JSONRPCError(
-            jsonrpc="2.0", id=request_id, error=ErrorData(code=code, message=message)
-        )
-        await self._write(error.model_dump_json(by_alias=True, exclude_unset=True).encode() + b"\n")
+        await self._write(_error_line(request_id, code, message))
 
     def _settle(self, request_id: RequestKey) -> None:
         request_id = coerce_request_id(request_id)
         count = self._pending.get(request_id)
         if count is None:
+            _decrement(self._listening, request_id)
             return
-        if count > 1:
-            self._pending[request_id] = count - 1
-            return
-        del self._pending[request_id]
+        _decrement(self._pending, request_id)
         if not self._pending and self._drained is not None:
             self._drained.set()
 
@@ -411,6 +462,82 @@ async def forward_signals(
             else:
                 logger.info("%s while stopping: stopping now", name)
                 transport.stop(name, hard=True)
+
+
+def _error_line(request_id: RequestKey | None, code: int, message: str) -> bytes:
+    error = JSONRPCError(jsonrpc="2.0", id=request_id, error=ErrorData(code=code, message=message))
+    return error.model_dump_json(by_alias=True, exclude_unset=True).encode() + b"\n"
+
+
+#: An exponent of three digits or more (100 and up; only past 308 is it too big).
+_BIG_EXPONENT = re.compile(rb"[eE][+-]?0*[1-9][0-9]{2}")
+#: Digits as zeros: a run of 309 digits is then a plain substring search.
+_DIGITS_AS_ZEROS = bytes.maketrans(b"123456789", b"000000000")
+_LONG_DIGIT_RUN = b"0" * 309
+
+
+def _suspect_number(line: bytes) -> bool:
+    """A cheap byte check: may ``line`` hold NaN, Infinity or a number beyond the float range?
+
+    False means it cannot; True only means the strict re-parse must decide
+    (the bytes may be inside a string, or an exponent between 100 and 308).
+    """
+    if b"NaN" in line or b"Infinity" in line or _BIG_EXPONENT.search(line) is not None:
+        return True
+    return len(line) > 309 and _LONG_DIGIT_RUN in line.translate(_DIGITS_AS_ZEROS)
+
+
+class _NotJSONNumber(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotJSONNumber(name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotJSONNumber(text)
+    return value
+
+
+def _holds_non_json_number(line: bytes) -> bool:
+    """The strict re-parse: a NaN/Infinity literal or a float that overflows, outside strings."""
+    try:
+        json.loads(line, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except _NotJSONNumber:
+        return True
+    except (ValueError, RecursionError):
+        return False  # not JSON for another reason: the usual path answers it
+    return False
+
+
+def _holds_non_finite(value: object) -> bool:
+    """Whether a message's payload holds a float JSON cannot carry (NaN, +-Infinity)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, BaseModel):
+            stack.extend(vars(item).values())
+    return False
+
+
+def _decrement(counts: dict[RequestKey, int], key: RequestKey) -> None:
+    count = counts.get(key)
+    if count is None:
+        return
+    if count > 1:
+        counts[key] = count - 1
+    else:
+        del counts[key]
 
 
 def _has_id(line: bytes) -> bool:
