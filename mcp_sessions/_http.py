@@ -582,6 +582,8 @@ async def serve_http(
         return
     async with open_supervisor(settings, hooks=hooks, store=store) as own:
         aborted = await _serve(server, own, options, task_status)
+        if aborted:  # a second signal: do not wait for the store either
+            own.abandon_store_waits()
         await own.shutdown(grace=0 if aborted else grace)
 
 
