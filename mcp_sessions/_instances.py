@@ -32,12 +32,15 @@ import os
 import secrets
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
 from ._clock import RuntimeClock
 from ._store import InstanceRecord, SessionStore
+
+if TYPE_CHECKING:
+    from ._sync_expiry import Call
 
 __all__ = ["InstanceLease"]
 
@@ -54,7 +57,7 @@ class InstanceLease:
         clock: RuntimeClock,
         lease: float,
         *,
-        call: Callable[[Awaitable[Any]], Awaitable[Any]],
+        call: Call,
         reaped: Callable[[list[str]], None],
         lost: Callable[[], Awaitable[None]],
     ) -> None:

@@ -122,11 +122,19 @@ class _WorkerTransactions(Transactions):
     """The worker's connection: BEGIN IMMEDIATE for writes, generations around them."""
 
     def __init__(
-        self, conn: sqlite3.Connection, path: Path, own: _OwnWrites, *, read_only: bool = False
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        own: _OwnWrites,
+        *,
+        read_only: bool = False,
+        identity: tuple[int, int] | None = None,
     ) -> None:
         self.conn = conn
         self._path = path
         self.own = own
+        #: (st_dev, st_ino) of the file opened: the path must still name it.
+        self._identity = identity
         self._before = own.generation
         #: Opened without migrating: no write transaction is ever begun.
         self.read_only = read_only
@@ -135,7 +143,31 @@ class _WorkerTransactions(Transactions):
     def connection(self) -> Iterator[sqlite3.Connection]:
         yield self.conn
 
+    def _check_file(self) -> None:
+        """The path still names the file we opened (one stat per transaction, ~1 us).
+
+        A file deleted or replaced under a running server would otherwise take
+        writes that nobody finds again: the next process opens the path.
+        """
+        if self._identity is None:
+            return
+        try:
+            st = os.stat(self._path)
+        except FileNotFoundError:
+            raise StoreUnavailable(
+                f"sqlite store {self._path} was deleted while in use; restart the server "
+                "to create it again (what was written since the deletion is lost)"
+            ) from None
+        except OSError as exc:
+            raise StoreUnavailable(f"sqlite store {self._path} cannot be checked: {exc}") from exc
+        if (st.st_dev, st.st_ino) != self._identity:
+            raise StoreUnavailable(
+                f"sqlite store {self._path} was replaced by another file while in use; "
+                "restart the server to use the new one"
+            )
+
     def begin(self, conn: Any, cur: Any, write: bool) -> None:
+        self._check_file()
         if write and self.read_only:
             raise StoreUnavailable(
                 f"sqlite store {self._path} was opened without migrating: it takes no writes"
@@ -296,7 +328,7 @@ class SQLiteStore(SQLStoreBase):
 
     def _open_sync(
         self, migrate: bool = True
-    ) -> tuple[sqlite3.Connection, sqlite3.Connection, int, int, int]:
+    ) -> tuple[sqlite3.Connection, sqlite3.Connection, int, int, int, tuple[int, int]]:
         if migrate:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = self._connect(create=migrate)
@@ -326,12 +358,13 @@ class SQLiteStore(SQLStoreBase):
             reader.execute("PRAGMA busy_timeout = 0")
             data_version = int(reader.execute("PRAGMA data_version").fetchall()[0][0])
             seen = _generation(reader) if migrate else _generation_if_any(reader)
+            st = os.stat(self.path)
         except BaseException:
             conn.close()
             if reader is not None:
                 reader.close()
             raise
-        return conn, reader, generation, data_version, seen
+        return conn, reader, generation, data_version, seen, (st.st_dev, st.st_ino)
 
     def _retry_locked(self, fn: Callable[[], T]) -> T:
         """Run ``fn``, retrying "database is locked" until the busy timeout.
@@ -400,9 +433,13 @@ class SQLiteStore(SQLStoreBase):
                 raise
             except OSError as exc:
                 raise StoreUnavailable(f"{self._where} cannot be opened: {exc}") from exc
-            conn, reader, generation, data_version, seen = opened
+            conn, reader, generation, data_version, seen, identity = opened
             tx = _WorkerTransactions(
-                conn, self.path, _OwnWrites(generation, 0), read_only=not migrate
+                conn,
+                self.path,
+                _OwnWrites(generation, 0),
+                read_only=not migrate,
+                identity=identity,
             )
             worker = self._worker_for(tx, threads=1)
             # Interrupt a long statement once every caller of its transaction gave up.

@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Protocol, TypeVar
 
 import trio
 
@@ -55,8 +55,16 @@ __all__ = ["Reconciler", "SettlingWindow", "Sweeper"]
 
 logger = logging.getLogger("mcp_sessions")
 
-#: Runs one store operation, noting whether the store could be reached.
-Call = Callable[[Awaitable[Any]], Awaitable[Any]]
+_T = TypeVar("_T")
+
+
+class Call(Protocol):
+    """Runs one store operation, noting whether the store could be reached (and, for a
+    ``write``, whether it could be written to)."""
+
+    async def __call__(self, op: Awaitable[_T], *, write: bool = True) -> _T: ...
+
+
 #: The store says the session ended (or ends) elsewhere: end it here as told.
 EndedElsewhere = Callable[[Session, TerminationReason | None], None]
 
@@ -171,7 +179,7 @@ class Reconciler:
                 )
             )
             if reason is None:
-                record: SessionRecord | None = await self._call(store.load(session.id))
+                record: SessionRecord | None = await self._call(store.load(session.id), write=False)
                 if record is not None and record.live:
                     self._take_in(session, record)  # used elsewhere meanwhile: wait again
                     return

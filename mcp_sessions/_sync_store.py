@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import attrs
 import trio
 
 from . import _expiry
@@ -249,6 +251,8 @@ class DurableSync(_Base):
         self._adopt = adopt
         self.durable = store.durable
         self.error: str | None = None
+        #: The last write's failure and when (wall clock), until a write succeeds.
+        self.write_error: tuple[str, float] | None = None
         #: Bounds the waits on the store while the process stops (the supervisor moves it).
         self.store_waits = StoreWaits()
         #: Idle expiry waits up to this much longer with a durable (so possibly
@@ -339,7 +343,7 @@ class DurableSync(_Base):
         for session in list(self._registry):
             if session.kind is not SessionKind.CONNECTION or not session.live:
                 continue
-            record = await self._call(self._store.load(session.id))
+            record = await self._call(self._store.load(session.id), write=False)
             if (record is None or not record.live) and session.live:
                 reason = record.termination_reason if record is not None else None
                 self._ended_elsewhere(session, reason or TerminationReason.DISCONNECTED)
@@ -360,19 +364,27 @@ class DurableSync(_Base):
             instance=self.instance.id,
         )
 
-    async def _call(self, op: Awaitable[_T]) -> _T:
+    async def _call(self, op: Awaitable[_T], *, write: bool = True) -> _T:
+        """Await a store operation, keeping what health reports: the last failure, and
+        whether the last write failed (reads may well work while writes cannot)."""
         try:
             result = await op
         except StoreUnavailable as exc:
             self.error = str(exc)
+            if write:
+                self.write_error = (str(exc), self._clock.wall())
             raise
         self.error = None
+        if write:
+            self.write_error = None
         return result
 
     # -- opening ---------------------------------------------------------------------
 
     async def check_room(self, principal: str) -> None:
-        await self._call(self._store.check_room(principal, self._limits(self._clock.wall())))
+        await self._call(
+            self._store.check_room(principal, self._limits(self._clock.wall())), write=False
+        )
 
     async def created(self, session: Session, *, ready: bool) -> None:
         # A connection session lives and dies with this process's stream, unless it
@@ -442,7 +454,7 @@ class DurableSync(_Base):
                 self._validated("ok")  # nothing written elsewhere since we last looked
                 return local
             known = local._version
-        record = await self._call(store.load_by_hash(digest, known_version=known))
+        record = await self._call(store.load_by_hash(digest, known_version=known), write=False)
         if record is None:
             local = self._registry.by_hash(digest)
             if local is not None and local.live and local.principal == principal and _stored(local):
@@ -456,7 +468,7 @@ class DurableSync(_Base):
             ended = await self._call(
                 store.expire(record.id, self._clock.wall(), grace=self.idle_grace)
             )
-            fresh = await self._call(store.load(record.id))
+            fresh = await self._call(store.load(record.id), write=False)
             if fresh is not None:
                 record = fresh
             elif ended is not None:
@@ -662,9 +674,17 @@ class DurableSync(_Base):
     async def list_records(
         self, principal: str, *, after: tuple[float, str] | None = None, limit: int | None = None
     ) -> list[SessionRecord]:
-        return await self._call(self._store.list_by_principal(principal, after=after, limit=limit))
+        return await self._call(
+            self._store.list_by_principal(principal, after=after, limit=limit), write=False
+        )
 
     async def health(self) -> StoreHealth:
+        """The store's health, and the last write's outcome: a store that answers but
+        cannot be written to (locked past its timeout, a full disk) is not healthy."""
         health = await self._store.health()
         self.error = None if health.ok else health.error
+        if health.ok and self.write_error is not None:
+            error, at = self.write_error
+            when = datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds")
+            return attrs.evolve(health, ok=False, error=f"last write failed at {when}: {error}")
         return health
