@@ -6,6 +6,9 @@ notifications. ``start_job`` starts one and returns at once; the job keeps its
 progress in the session state. Either way the job belongs to the session: when
 the session ends (``session_close``, idle timeout, disconnect, shutdown) the job
 is cancelled. ``job_status`` reports what became of each job.
+
+From a clone set up as the README says, run it with
+``.venv/bin/python examples/background_job.py`` (MCP over stdio; Ctrl-D ends it).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Each session (the connection's own in the handshake era, or one opened with
 ``session_open`` and named by its handle) keeps its own notes in the session's
-JSON state. Run it with ``python examples/notes_server.py``; point a client at it
-over stdio.
+JSON state. From a clone set up as the README says, run it with
+``.venv/bin/python examples/notes_server.py`` (it serves MCP over stdio: point a
+desktop client's ``command`` at that; Ctrl-D ends it).
 """
 
 from __future__ import annotations

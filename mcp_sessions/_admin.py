@@ -39,9 +39,11 @@ def run_admin(args: argparse.Namespace, url: str) -> int:
     except ValueError as exc:
         print(f"mcp-sessions: {exc}", file=sys.stderr)
         return 2
-    if args.command == "check" and _missing_sqlite_file(store):
-        # Opening would create an empty database, and checking it would say "ok".
-        print(f"mcp-sessions: store {redact_url(url)}: no database file there", file=sys.stderr)
+    if _missing_sqlite_file(store):
+        # Opening would create an empty database (and `check` would call it "ok"):
+        # an admin command looks at a store, it never creates one.
+        print(f"mcp-sessions: no store at {redact_url(url)} (no database file there)",
+              file=sys.stderr)  # fmt: skip
         return 1
     try:
         return trio.run(_main, args, store, url)

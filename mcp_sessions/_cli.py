@@ -14,14 +14,14 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from ._errors import SettingsError
-from ._server import CorrelationFilter, run_stdio
-from ._settings import Settings
+from ._settings import DEFAULT_MAX_MESSAGE_SIZE, Settings
 from ._store import StoreError, StoreUnavailable
-from ._transport import DEFAULT_MAX_MESSAGE_SIZE
+
+# No MCP SDK imported here: the admin commands never need it (it takes most of a second).
 
 __all__ = ["build_parser", "build_server", "main"]
 
@@ -51,6 +51,8 @@ _TEXT_FORMAT = (
 
 def configure_logging(level: str, fmt: str) -> None:
     """Log to stderr, every line carrying the session id and request id."""
+    from ._context import CorrelationFilter
+
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(CorrelationFilter())
     handler.setFormatter(_JsonFormatter() if fmt == "json" else logging.Formatter(_TEXT_FORMAT))
@@ -78,7 +80,7 @@ def _non_negative_int(value: str) -> int:
     return number
 
 
-def _check_environment_choices(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _check_environment_choices(args: argparse.Namespace) -> None:
     """Environment defaults bypass argparse's ``choices``: check what came from there."""
     for dest, name, choices in (
         ("log_level", "LOG_LEVEL", _LOG_LEVELS),
@@ -87,8 +89,8 @@ def _check_environment_choices(parser: argparse.ArgumentParser, args: argparse.N
     ):
         value = getattr(args, dest)
         if value not in choices:
-            parser.error(
-                f"{_ENV}{name}: invalid choice {value!r} (choose from {', '.join(choices)})"
+            raise SettingsError(
+                [f"{_ENV}{name}: invalid choice {value!r} (choose from {', '.join(choices)})"]
             )
 
 
@@ -112,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=str.lower, help="stdio (default) or http (env MCP_SESSIONS_TRANSPORT)")  # fmt: skip
     opt("--host", default=_env("HOST", "127.0.0.1"),
         help="HTTP: address to listen on (default 127.0.0.1)")  # fmt: skip
-    opt("--port", type=int, default=_env("PORT", "8000"),
+    opt("--port", default=_env("PORT", "8000"),
         help="HTTP: port to listen on (default 8000; 0 picks a free one)")  # fmt: skip
     opt("--bearer-tokens", default=_env("BEARER_TOKENS"),
         help='HTTP: file of {"<principal>": ["sha256:<hex of token>", ...]}; requests then '
@@ -124,32 +126,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="session store: 'memory', 'sqlite:///path.db' or 'postgresql://...' "
              "(default: SQLite at $XDG_STATE_HOME/mcp-sessions/sessions.db; "
              "env MCP_SESSIONS_STORE)")  # fmt: skip
-    opt("--idle-timeout", type=float, default=_env("IDLE_TIMEOUT"),
+    opt("--idle-timeout", default=_env("IDLE_TIMEOUT"),
         help="seconds an idle session lives (default 1800)")  # fmt: skip
-    opt("--max-lifetime", type=float, default=_env("MAX_LIFETIME"),
+    opt("--max-lifetime", default=_env("MAX_LIFETIME"),
         help="absolute session lifetime in seconds (default 28800)")  # fmt: skip
-    opt("--max-sessions", type=int, default=_env("MAX_SESSIONS"),
+    opt("--max-sessions", default=_env("MAX_SESSIONS"),
         help="most live sessions (default 10000)")  # fmt: skip
-    opt("--max-sessions-per-principal", type=int, default=_env("MAX_SESSIONS_PER_PRINCIPAL"),
+    opt("--max-sessions-per-principal", default=_env("MAX_SESSIONS_PER_PRINCIPAL"),
         help="most live sessions per principal (default 100)")  # fmt: skip
-    opt("--cleanup-interval", type=float, default=_env("CLEANUP_INTERVAL"),
+    opt("--cleanup-interval", default=_env("CLEANUP_INTERVAL"),
         help="cleanup scanner tick in seconds (default 1)")  # fmt: skip
-    opt("--touch-interval", type=float, default=_env("TOUCH_INTERVAL"),
+    opt("--touch-interval", default=_env("TOUCH_INTERVAL"),
         help="seconds between coalesced activity writes to the store; idle expiry with a "
              "shared store allows this much grace (default 5)")  # fmt: skip
-    opt("--sweep-interval", type=float, default=_env("SWEEP_INTERVAL"),
+    opt("--sweep-interval", default=_env("SWEEP_INTERVAL"),
         help="seconds between sweeps of the store for sessions whose deadline passed; one "
              "process sweeps per interval (default 60)")  # fmt: skip
-    opt("--instance-lease", type=float, default=_env("INSTANCE_LEASE"),
+    opt("--instance-lease", default=_env("INSTANCE_LEASE"),
         help="seconds within which the connection sessions of a server process that died "
              "are ended by the others sharing the store (default 30)")  # fmt: skip
-    opt("--max-state-bytes", type=int, default=_env("MAX_STATE_BYTES"),
+    opt("--max-state-bytes", default=_env("MAX_STATE_BYTES"),
         help="largest session state document in bytes of JSON (default 1048576)")  # fmt: skip
-    opt("--max-metadata-bytes", type=int, default=_env("MAX_METADATA_BYTES"),
+    opt("--max-metadata-bytes", default=_env("MAX_METADATA_BYTES"),
         help="largest session metadata in bytes of JSON (default 65536)")  # fmt: skip
-    opt("--shutdown-grace", type=float, default=_env("SHUTDOWN_GRACE"),
+    opt("--shutdown-grace", default=_env("SHUTDOWN_GRACE"),
         help="seconds in-flight requests get at shutdown (default 10)")  # fmt: skip
-    opt("--max-message-size", type=int, default=_env("MAX_MESSAGE_SIZE"),
+    opt("--max-message-size", default=_env("MAX_MESSAGE_SIZE"),
         help=f"longest accepted message in bytes (default {DEFAULT_MAX_MESSAGE_SIZE})")  # fmt: skip
     opt("--principal", default=_env("PRINCIPAL"),
         help="principal owning this connection's sessions (default: the OS user)")  # fmt: skip
@@ -206,33 +208,73 @@ def _store_url(value: str | None) -> str:
     return f"sqlite:///{default_sqlite_path()}"
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    """The runtime :class:`Settings` the options ask for (unset options keep defaults)."""
-    keys = {
-        "idle_timeout": (args.idle_timeout, float),
-        "max_lifetime": (args.max_lifetime, float),
-        "max_sessions": (args.max_sessions, int),
-        "max_sessions_per_principal": (args.max_sessions_per_principal, int),
-        "cleanup_interval": (args.cleanup_interval, float),
-        "shutdown_grace": (args.shutdown_grace, float),
-        "touch_interval": (args.touch_interval, float),
-        "sweep_interval": (args.sweep_interval, float),
-        "instance_lease": (args.instance_lease, float),
-        "max_state_bytes": (args.max_state_bytes, int),
-        "max_metadata_bytes": (args.max_metadata_bytes, int),
-    }
+#: Settings fields set by ``serve`` options: field -> (flag, number kind).
+_SETTING_OPTIONS: dict[str, tuple[str, type]] = {
+    "idle_timeout": ("--idle-timeout", float),
+    "max_lifetime": ("--max-lifetime", float),
+    "max_sessions": ("--max-sessions", int),
+    "max_sessions_per_principal": ("--max-sessions-per-principal", int),
+    "cleanup_interval": ("--cleanup-interval", float),
+    "shutdown_grace": ("--shutdown-grace", float),
+    "touch_interval": ("--touch-interval", float),
+    "sweep_interval": ("--sweep-interval", float),
+    "instance_lease": ("--instance-lease", float),
+    "max_state_bytes": ("--max-state-bytes", int),
+    "max_metadata_bytes": ("--max-metadata-bytes", int),
+}
+
+
+def _label(flag: str, given: frozenset[str]) -> str:
+    """How the user set an option: the flag they typed, else its environment variable."""
+    if flag in given:
+        return flag
+    return _ENV + flag.removeprefix("--").replace("-", "_").upper()
+
+
+def _given_flags(argv: Sequence[str]) -> frozenset[str]:
+    return frozenset(a.split("=", 1)[0] for a in argv if a.startswith("--"))
+
+
+def _number(value: str, kind: type, label: str) -> float | int:
+    try:
+        number: float | int = int(value) if kind is int else float(value)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise SettingsError([f"{label} must be {what}, got {value!r}"]) from None
+    return number
+
+
+def settings_from_args(args: argparse.Namespace, given: frozenset[str] = frozenset()) -> Settings:
+    """The runtime :class:`Settings` the options ask for (unset options keep defaults).
+
+    Problems name the option as the user set it: ``--idle-timeout`` or
+    ``MCP_SESSIONS_IDLE_TIMEOUT`` (see ``given``, the flags on the command line).
+    """
     data: dict[str, Any] = {}
+    labels: dict[str, str] = {}
     problems: list[str] = []
-    for key, (value, kind) in keys.items():
+    for key, (flag, kind) in _SETTING_OPTIONS.items():
+        value = getattr(args, key)
         if value is None:
             continue
+        labels[key] = label = _label(flag, given)
         try:
-            data[key] = kind(value)
-        except ValueError:
-            problems.append(f"{key}: expected a number, got {value!r}")
+            data[key] = _number(str(value), kind, label)
+        except SettingsError as exc:
+            problems += exc.problems
     if problems:
         raise SettingsError(problems)
-    return Settings.from_mapping(data)
+    try:
+        return Settings.from_mapping(data)
+    except SettingsError as exc:
+        raise SettingsError([_relabel(p, labels) for p in exc.problems]) from None
+
+
+def _relabel(problem: str, labels: dict[str, str]) -> str:
+    """``idle_timeout must be ... @ settings`` -> ``--idle-timeout must be ...``."""
+    problem = problem.removesuffix(" @ settings")
+    field, _, rest = problem.partition(" ")
+    return f"{labels[field]} {rest}" if field in labels else problem
 
 
 def build_server() -> Any:
@@ -250,73 +292,126 @@ def build_server() -> Any:
 def main(argv: Sequence[str] | None = None, *, server: Any = None) -> int:
     """Run the command line; ``server`` replaces the built-in server (for embedding)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command != "serve":
-        configure_logging("warning", "text")
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         from ._admin import run_admin
 
         return run_admin(args, _store_url(args.store))
-    _check_environment_choices(parser, args)
+    given = _given_flags(argv)
+    try:
+        _check_environment_choices(args)
+        options = _serve_options(args, given)
+    except SettingsError as exc:
+        _usage_error("serve", "; ".join(exc.problems))
     configure_logging(args.log_level, args.log_format)
     from ._store_url import store_from_url
 
+    url = _store_url(args.store)
     try:
-        store = store_from_url(_store_url(args.store))
+        store = store_from_url(url)
     except ValueError as exc:
-        parser.error(str(exc))
+        _usage_error("serve", f"{_label('--store', given)}: {exc}")
+    if args.store is None and hasattr(store, "create_directory"):
+        store.create_directory = True  # only the default state directory is created
     try:
-        settings = settings_from_args(args)
-        max_message_size = (
-            DEFAULT_MAX_MESSAGE_SIZE
-            if args.max_message_size is None
-            else int(args.max_message_size)
-        )
-        if max_message_size <= 0:
-            raise ValueError(f"--max-message-size must be positive, got {max_message_size}")
-    except (SettingsError, ValueError) as exc:
-        parser.error(str(exc))
-    args.tokens = None
-    if args.transport == "http":
-        from ._http import load_bearer_tokens, loopback
-
-        try:
-            args.tokens = load_bearer_tokens(args.bearer_tokens) if args.bearer_tokens else None
-        except ValueError as exc:
-            parser.error(f"--bearer-tokens: {exc}")
-        if args.tokens is None and not loopback(args.host) and not args.allow_anonymous:
-            parser.error(
-                f"--host {args.host} without --bearer-tokens would serve anyone: "
-                "give --bearer-tokens, or --allow-anonymous to mean it"
-            )
-    try:
-        _serve(args, settings, max_message_size, store, server)
-    except (StoreError, StoreUnavailable) as exc:
-        logging.getLogger("mcp_sessions").error("cannot use the session store: %s", exc)
+        _serve(args, options, store, server)
+    except BaseException as exc:
+        failure = _store_failure(exc)
+        if failure is None:
+            raise
+        logging.getLogger("mcp_sessions").debug("the store failed", exc_info=exc)
+        print(f"mcp-sessions: error: cannot use the session store: {failure}", file=sys.stderr)
         return 1
     return 0
 
 
-def _serve(
-    args: argparse.Namespace, settings: Settings, max_message_size: int, store: Any, server: Any
-) -> None:
+def _usage_error(command: str, message: str) -> NoReturn:
+    """A usage error in one line (no usage dump, no traceback); exit code 2, as argparse."""
+    print(f"mcp-sessions {command}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _store_failure(exc: BaseException) -> BaseException | None:
+    """The store error inside ``exc`` (an exception group from the server's tasks)."""
+    if isinstance(exc, StoreError | StoreUnavailable):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _store_failure(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def _serve_options(args: argparse.Namespace, given: frozenset[str]) -> argparse.Namespace:
+    """Check and convert everything ``serve`` needs; raise SettingsError naming the option."""
+    problems: list[str] = []
+    try:
+        args.settings = settings_from_args(args, given)
+    except SettingsError as exc:
+        problems += exc.problems
+    label = _label("--max-message-size", given)
+    try:
+        size = (
+            DEFAULT_MAX_MESSAGE_SIZE
+            if args.max_message_size is None
+            else _number(str(args.max_message_size), int, label)
+        )
+        if size <= 0:
+            problems.append(f"{label} must be positive, got {size}")
+        args.max_message_size = int(size)
+    except SettingsError as exc:
+        problems += exc.problems
+    args.tokens = None
+    if args.transport == "http":
+        label = _label("--port", given)
+        try:
+            port = _number(str(args.port), int, label)
+            if not 0 <= port <= 65535:
+                problems.append(f"{label} must be in [0, 65535], got {port}")
+            args.port = int(port)
+        except SettingsError as exc:
+            problems += exc.problems
+        from ._http import load_bearer_tokens, loopback
+
+        if args.bearer_tokens:
+            try:
+                args.tokens = load_bearer_tokens(args.bearer_tokens)
+            except ValueError as exc:
+                problems.append(f"{_label('--bearer-tokens', given)}: {exc}")
+        elif not loopback(args.host) and not args.allow_anonymous:
+            problems.append(
+                f"{_label('--host', given)} {args.host} without --bearer-tokens would serve "
+                "anyone: give --bearer-tokens, or --allow-anonymous to mean it"
+            )
+    if problems:
+        raise SettingsError(problems)
+    return args
+
+
+def _serve(args: argparse.Namespace, options: argparse.Namespace, store: Any, server: Any) -> None:
     if args.transport == "http":
         from ._http import run_http
 
         run_http(
             server if server is not None else build_server(),
             host=args.host,
-            port=int(args.port),
-            settings=settings,
+            port=options.port,
+            settings=options.settings,
             store=store,
-            bearer_tokens=args.tokens,
+            bearer_tokens=options.tokens,
             allow_anonymous=args.allow_anonymous,
-            max_message_size=max_message_size,
+            max_message_size=options.max_message_size,
         )
         return
+    from ._server import run_stdio
+
     run_stdio(
         server if server is not None else build_server(),
-        settings=settings,
+        settings=options.settings,
         principal=args.principal or None,
-        max_message_size=max_message_size,
+        max_message_size=options.max_message_size,
         store=store,
     )

@@ -25,6 +25,9 @@ class LimitPolicy(enum.Enum):
     EVICT_IDLE = "evict_idle"
 
 
+#: Longest accepted stdio message, in bytes, newline excluded.
+DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+
 _DAY = 86_400.0
 _YEAR = 365 * _DAY
 

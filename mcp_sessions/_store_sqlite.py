@@ -85,10 +85,12 @@ _GENERATION = "SELECT generation FROM store_generation WHERE id = 1"
 
 
 def default_sqlite_path() -> Path:
-    """``$XDG_STATE_HOME/mcp-sessions/sessions.db`` (``~/.local/state/...`` if unset)."""
-    base = os.environ.get("XDG_STATE_HOME") or ""
-    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".local" / "state"
-    return root / "mcp-sessions" / "sessions.db"
+    """``sessions.db`` in the user's state directory for ``mcp-sessions``, per platform
+    (``platformdirs``): ``$XDG_STATE_HOME/mcp-sessions`` (``~/.local/state/...``) on Linux,
+    ``~/Library/Application Support/mcp-sessions`` on macOS, ``%LOCALAPPDATA%`` on Windows."""
+    import platformdirs
+
+    return Path(platformdirs.user_state_dir("mcp-sessions", appauthor=False)) / "sessions.db"
 
 
 def _generation(cur: sqlite3.Cursor | sqlite3.Connection) -> int:
@@ -231,6 +233,7 @@ class SQLiteStore(SQLStoreBase):
         synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
         busy_timeout: float = 5.0,
         op_timeout: float = 10.0,
+        create_directory: bool = False,
     ) -> None:
         sync = synchronous.upper()
         if sync not in ("NORMAL", "FULL"):
@@ -239,6 +242,9 @@ class SQLiteStore(SQLStoreBase):
         self.synchronous = sync
         self.busy_timeout = busy_timeout
         self.op_timeout = op_timeout
+        #: Create the file's directory if missing (the default state directory); else a
+        #: missing directory is an error, and nothing is created.
+        self.create_directory = create_directory
         self._where = f"sqlite store {self.path}"
         super().__init__()
         self._lifecycle = trio.Lock()
@@ -329,8 +335,12 @@ class SQLiteStore(SQLStoreBase):
     def _open_sync(
         self, migrate: bool = True
     ) -> tuple[sqlite3.Connection, sqlite3.Connection, int, int, int, tuple[int, int]]:
-        if migrate:
+        if migrate and self.create_directory:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        elif not self.path.parent.is_dir():
+            raise StoreUnavailable(
+                f"sqlite store {self.path}: directory {self.path.parent} does not exist"
+            )
         conn = self._connect(create=migrate)
         reader: sqlite3.Connection | None = None
         try:
@@ -415,7 +425,8 @@ class SQLiteStore(SQLStoreBase):
         return _generation_if_any(conn)
 
     async def open(self, *, migrate: bool = True) -> None:
-        """Create the file (and its directory) if needed, and apply pending migrations.
+        """Create the file if needed (its directory too with ``create_directory``), and apply
+        pending migrations.
 
         With ``migrate=False`` (``mcp-sessions check``), create and change
         nothing: the file must exist, no table is created, and the store takes

@@ -69,12 +69,12 @@ from mcp_types import (
 )
 from pydantic import BaseModel, ValidationError
 
+from ._settings import DEFAULT_MAX_MESSAGE_SIZE
+
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "StdioTransport"]
 
 logger = logging.getLogger("mcp_sessions.transport")
 
-#: Longest accepted message, in bytes, newline excluded.
-DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 _CHUNK = 65536
 #: After the grace period, how long the cancelled requests' error replies may take.
 _FINAL_FLUSH_S = 1.0

@@ -53,7 +53,7 @@ def test_bad_option_values_are_rejected(capsys: pytest.CaptureFixture[str]) -> N
     assert exc.value.code == 2
     with pytest.raises(SystemExit):
         main(["serve", "--idle-timeout", "-1"])
-    assert "idle_timeout" in capsys.readouterr().err
+    assert "--idle-timeout must be in (0, " in capsys.readouterr().err
 
 
 async def test_serve_logs_json_with_correlation_to_stderr_only(tmp_path: Path) -> None:
@@ -136,7 +136,7 @@ def test_bad_logging_environment_is_a_usage_error(
     assert exc.value.code == 2
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("mcp-sessions: error:")
+    assert last.startswith("mcp-sessions serve: error:")
     assert variable in last
     assert repr(value) in last
     assert "Traceback" not in err

@@ -104,6 +104,7 @@ class Backend:
     def __init__(self, name: str, tmp_path: Path) -> None:
         self.name = name
         self.path = tmp_path / "state" / "sessions.db"
+        self.path.parent.mkdir(exist_ok=True)  # a store never creates a directory itself
         self.schema = pg_schema()
         self.stores: list[SessionStore] = []
         self._memory: MemoryStore | None = None
@@ -836,11 +837,22 @@ async def test_two_instances_open_a_fresh_store_at_once(shared: Backend) -> None
     assert shared.raw("SELECT version FROM schema_version ORDER BY version") == MIGRATED
 
 
-async def test_sqlite_creates_directory_and_uses_wal(tmp_path: Path) -> None:
+async def test_sqlite_in_a_missing_directory_is_unavailable_and_creates_nothing(
+    tmp_path: Path,
+) -> None:
+    from mcp_sessions._store_sqlite import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "missing" / "s.db")
+    with pytest.raises(StoreUnavailable, match="does not exist"):
+        await store.open()
+    assert not (tmp_path / "missing").exists()
+
+
+async def test_sqlite_creates_directory_when_asked_and_uses_wal(tmp_path: Path) -> None:
     from mcp_sessions._store_sqlite import SQLiteStore
 
     path = tmp_path / "deep" / "er" / "s.db"
-    store = SQLiteStore(path, synchronous="FULL")
+    store = SQLiteStore(path, synchronous="FULL", create_directory=True)
     await store.open()
     try:
         await store.create(record("s"))
