@@ -6,6 +6,8 @@ Servers (separate processes, alternated round by round so drift hits all alike):
 
 - ``sdk-uvicorn``: the SDK's own Streamable HTTP app (``streamable_http_app()``) under
   uvicorn (asyncio), with its own stateful session manager;
+- ``sdk-anycorn``: the same SDK app under anycorn on trio (what ``run_http`` runs on,
+  without the session layer): separates the ASGI server's cost from the layer's;
 - ``run_http``: ``mcp_sessions.run_http`` (anycorn under trio, with the session layer),
   memory store;
 - ``run_http+sqlite`` (and ``run_http+pg`` with ``--pg``): the same on a store, where the
@@ -53,6 +55,14 @@ def serve(kind: str, port: int, store: str | None) -> None:
 
         app = mcp.streamable_http_app()
         uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+        return
+    if kind == "sdk-anycorn":
+        import anycorn
+
+        config = anycorn.Config()
+        config.bind = [f"127.0.0.1:{port}"]
+        config.accesslog = None
+        trio.run(anycorn.serve, mcp.streamable_http_app(), config)
         return
     from mcp_sessions import run_http
 
@@ -128,6 +138,7 @@ async def main(calls: int, rounds: int, pg: str | None) -> None:
     tmp = tempfile.mkdtemp()
     servers: list[tuple[str, str, str | None]] = [
         ("sdk-uvicorn", "sdk-uvicorn", None),
+        ("sdk-anycorn", "sdk-anycorn", None),
         ("run_http", "run_http", None),
         ("run_http+sqlite", "run_http", f"sqlite:///{tmp}/bench.db"),
     ]
@@ -159,7 +170,7 @@ async def main(calls: int, rounds: int, pg: str | None) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--serve", choices=("sdk-uvicorn", "run_http"))
+    parser.add_argument("--serve", choices=("sdk-uvicorn", "sdk-anycorn", "run_http"))
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--store")
     parser.add_argument("--calls", type=int, default=1000)
