@@ -53,8 +53,16 @@ def run_admin(args: argparse.Namespace, url: str) -> int:
 
 
 async def _main(args: argparse.Namespace, store: SessionStore, url: str) -> int:
-    if args.command == "check" and isinstance(store, SQLStoreBase):
-        await store.open(migrate=False)  # look, never upgrade (see the module docstring)
+    if isinstance(store, SQLStoreBase):
+        await store.open(migrate=False)  # look first: never create a store
+        if store.missing_schema is not None and args.command != "check":  # (check reports it)
+            await store.aclose()
+            print(f"mcp-sessions: no store at {redact_url(url)} "
+                  f"(schema {store.missing_schema} does not exist)", file=sys.stderr)  # fmt: skip
+            return 1
+        if args.command != "check":  # (check never upgrades; the others do, as a server)
+            await store.aclose()
+            await store.open()
     else:
         await store.open()
     try:

@@ -134,3 +134,22 @@ def test_admin_commands_do_not_import_the_sdk(tmp_path: Path) -> None:
     done = run("-c", code)
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "[0, 0] []"
+
+
+def test_status_does_not_create_a_missing_postgres_schema(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from .test_store_contract import PG_DSN, pg_exec
+
+    if PG_DSN is None:
+        pytest.skip("PostgreSQL tests need MCP_SESSIONS_TEST_PG_DSN (set by .ci/run)")
+    schema = "mcpst_absent_" + os.urandom(4).hex()
+    url = f"{PG_DSN}{'&' if '?' in PG_DSN else '?'}schema={schema}"
+    assert main(["status", "--store", url]) == 1
+    assert f"schema {schema} does not exist" in one_error_line(capsys)
+    found = pg_exec(
+        "public",
+        "SELECT count(*) FROM information_schema.schemata WHERE schema_name = %s",
+        (schema,),
+    )
+    assert found == [(0,)]
