@@ -53,6 +53,9 @@ from typing import Any, cast
 
 import attrs
 import trio
+from mcp.server.auth.middleware.auth_context import AuthContextMiddleware
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, BearerAuthBackend
+from mcp.server.auth.provider import TokenVerifier, principal_components
 from mcp.server.connection import Connection
 from mcp.server.mcpserver import MCPServer
 from mcp.server.runner import serve_connection, serve_loop
@@ -72,6 +75,7 @@ from mcp_types import (
 )
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
 from pydantic import ValidationError
+from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
@@ -129,27 +133,40 @@ def load_bearer_tokens(path: str | Path) -> dict[str, str]:
 
 @attrs.frozen
 class Principals:
-    """How a request's principal is decided: bearer-token digests, a hook, or nobody
-    (everyone is ``anonymous``)."""
+    """How a request's principal is decided: bearer-token digests, the SDK's token
+    verifier, a hook, or nobody (everyone is ``anonymous``)."""
 
     #: SHA-256 hex digest of a token -> its principal.
     tokens: Mapping[str, str] | None = None
     hook: PrincipalFrom | None = None
+    #: The SDK's ``TokenVerifier``: requests carry its ``AuthenticatedUser``.
+    verifier: TokenVerifier | None = None
 
     @property
     def anonymous(self) -> bool:
-        return self.tokens is None and self.hook is None
+        return self.tokens is None and self.hook is None and self.verifier is None
 
     async def of(self, request: Request) -> str | None:
         """The caller's principal, or ``None`` (answer 401)."""
         if self.hook is not None:
             return await self.hook(request)
+        if self.verifier is not None:
+            user = request.scope.get("user")
+            return principal_of_token(user) if isinstance(user, AuthenticatedUser) else None
         if self.tokens is None:
             return ANONYMOUS
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return None
         return self.tokens.get(hashlib.sha256(token.strip().encode()).hexdigest())
+
+
+def principal_of_token(user: AuthenticatedUser) -> str:
+    """The principal an SDK access token stands for: its subject (else its client id),
+    qualified by its issuer when the verifier gives one."""
+    client_id, issuer, subject = principal_components(user.access_token)
+    who = subject or client_id
+    return f"{issuer}#{who}" if issuer else who
 
 
 # -- handshake-era sessions ------------------------------------------------------------
@@ -404,7 +421,12 @@ class HttpApp:
         self.principals = principals
         self._modern = modern
         self._sessions = sessions
-        self._mcp = RequestBodyLimitMiddleware(self._serve_mcp, max_message_size)
+        mcp: Any = RequestBodyLimitMiddleware(self._serve_mcp, max_message_size)
+        if principals.verifier is not None:  # the SDK's own bearer auth, as its app does
+            mcp = AuthenticationMiddleware(
+                AuthContextMiddleware(mcp), backend=BearerAuthBackend(principals.verifier)
+            )
+        self._mcp = mcp
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -535,6 +557,7 @@ async def serve_http(
     supervisor: Supervisor | None = None,
     bearer_tokens: Mapping[str, str] | str | Path | None = None,
     principal_from: PrincipalFrom | None = None,
+    token_verifier: TokenVerifier | None = None,
     allow_anonymous: bool = False,
     session_tools: bool = True,
     session_resources: bool = True,
@@ -548,8 +571,12 @@ async def serve_http(
 
     ``bearer_tokens`` (a digest map from :func:`load_bearer_tokens`, or the
     path of such a file) requires ``Authorization: Bearer``; the matching
-    token's principal owns what the request opens. ``principal_from`` maps a
-    request to a principal in your own way (``None``: 401). Without either,
+    token's principal owns what the request opens. ``token_verifier`` (the
+    SDK's ``TokenVerifier``) authenticates with the SDK's own bearer auth;
+    the principal is the token's subject (else client id), qualified by its
+    issuer. ``principal_from`` maps a request to a principal in your own way
+    (``None``: 401); with a verifier, ``request.user`` is the SDK's
+    ``AuthenticatedUser``. Without either,
     every caller is ``anonymous``, which a non-loopback ``host`` refuses
     unless ``allow_anonymous``. ``task_status.started`` gets the bound URLs.
 
@@ -559,7 +586,7 @@ async def serve_http(
     """
     if isinstance(bearer_tokens, str | Path):
         bearer_tokens = load_bearer_tokens(bearer_tokens)
-    principals = Principals(tokens=bearer_tokens, hook=principal_from)
+    principals = Principals(tokens=bearer_tokens, hook=principal_from, verifier=token_verifier)
     if principals.anonymous and not loopback(host) and not allow_anonymous:
         raise ValueError(
             f"serving {host} without authentication: give bearer tokens, or allow anonymous callers"

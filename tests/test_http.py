@@ -475,3 +475,30 @@ async def test_a_principal_hook_decides_who_calls() -> None:
                 async with Client(streamable_http_client(url, http_client=bob)) as b:
                     other = await b.call_tool("session_info", {"session": handle})
                     assert content(other)["error"]["code"] == "session_not_found"
+
+
+async def test_the_sdks_token_verifier_decides_the_principal() -> None:
+    from mcp.server.auth.provider import AccessToken
+
+    class Verifier:
+        async def verify_token(self, token: str) -> AccessToken | None:
+            if token in ("tok-alice", "tok-bob"):
+                return AccessToken(token=token, client_id="app", scopes=[], subject=token[4:])
+            return None
+
+    with trio.fail_after(30):
+        async with http_server(token_verifier=Verifier()) as url:
+            alice = httpx.AsyncClient(headers={"authorization": "Bearer tok-alice"})
+            bob = httpx.AsyncClient(headers={"authorization": "Bearer tok-bob"})
+            wrong = httpx.AsyncClient(headers={"authorization": "Bearer tok-eve"})
+            async with alice, bob, wrong:
+                refused = await wrong.post(url, headers=ACCEPT, json={"jsonrpc": "2.0"})
+                assert refused.status_code == 401
+                async with Client(streamable_http_client(url, http_client=alice)) as a:
+                    handle = content(await a.call_tool("session_open", {}))["session"]
+                    # Same client id, another subject: another principal.
+                async with Client(streamable_http_client(url, http_client=bob)) as b:
+                    other = await b.call_tool("session_info", {"session": handle})
+                    assert content(other)["error"]["code"] == "session_not_found"
+                async with Client(streamable_http_client(url, http_client=alice)) as a:
+                    assert content(await a.call_tool("session_info", {"session": handle}))["id"]
