@@ -24,12 +24,12 @@ from typing import Any
 
 import trio
 from mcp.client.client import Client
+from mcp.client.stdio import StdioServerParameters
 
 import mcp_sessions
 
 from .conftest import PYTHON
 from .test_persistence_e2e import (  # noqa: F401 (pg_url, shared_url, sqlite_url: fixtures)
-    connect,
     pg_url,
     serve_args,
     shared_url,
@@ -38,6 +38,15 @@ from .test_persistence_e2e import (  # noqa: F401 (pg_url, shared_url, sqlite_ur
 from .test_server_e2e import error_code, ok
 
 PRINCIPAL = "alice"  # serve_args' principal
+
+
+@asynccontextmanager
+async def connect(store: str, mode: str = "auto", *extra: str) -> AsyncIterator[Client]:
+    """A real ``mcp-sessions serve`` process on ``store``, and the official client of it."""
+    params = StdioServerParameters(command=PYTHON, args=serve_args(store, *extra))
+    with trio.fail_after(60):  # hang guard
+        async with Client(params, mode=mode) as client:  # type: ignore[arg-type]
+            yield client
 
 
 @asynccontextmanager
