@@ -22,7 +22,7 @@ from .conftest import E2E_SERVER, PYTHON
 INIT = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
         "params": {"protocolVersion": "2025-11-25", "capabilities": {},
                    "clientInfo": {"name": "raw", "version": "0"}}}  # fmt: skip
-TIMEOUT = 5.0
+TIMEOUT = 30.0  # a hang guard, generous for a busy machine
 INITIALIZED = {"jsonrpc": "2.0", "method": "notifications/initialized"}
 
 

@@ -1,4 +1,5 @@
-"""Transport edge cases found in review, on the wire with a real server process."""
+"""Transport edge cases found in review, on the wire: raw bytes to a real server process where
+pipes or signals are the point, else to the server served in process over a memory stream."""
 
 from __future__ import annotations
 
@@ -7,16 +8,83 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import trio
+import trio.testing
 
-from .test_transport import Raw, call, raw_server
+from mcp_sessions import serve_stdio
+
+from .test_transport import INIT, INITIALIZED, Raw, call, raw_server
+
+HANG_GUARD = 30.0
 
 
 def ping(i: int | str) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": i, "method": "ping"}
+
+
+class Wire:
+    """Raw JSON lines to a server served in process (``Raw``'s calls, without a process)."""
+
+    def __init__(self, stream: trio.testing.StapledStream[Any, Any], done: trio.Event) -> None:
+        self.stream = stream
+        self.done = done  # serve_stdio returned (the process would have exited 0)
+        self._buf = b""
+
+    async def send(self, message: Any) -> None:
+        data = message if isinstance(message, bytes) else json.dumps(message).encode()
+        await self.stream.send_all(data + b"\n")
+
+    async def recv(self) -> dict[str, Any]:
+        with trio.fail_after(HANG_GUARD):
+            while b"\n" not in self._buf:
+                chunk = await self.stream.receive_some(65536)
+                assert chunk, "server closed stdout"
+                self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        message: dict[str, Any] = json.loads(line)
+        assert message["jsonrpc"] == "2.0"
+        return message
+
+    async def rest(self) -> bytes:
+        """Everything left until the server is done and its end is closed."""
+        with trio.fail_after(HANG_GUARD):
+            while chunk := await self.stream.receive_some(65536):
+                self._buf += chunk
+        rest, self._buf = self._buf, b""
+        return rest
+
+    async def handshake(self) -> None:
+        await self.send(INIT)
+        reply = await self.recv()
+        assert reply["id"] == 0
+        assert "result" in reply
+        await self.send(INITIALIZED)
+
+
+@asynccontextmanager
+async def wire(**options: Any) -> AsyncIterator[Wire]:
+    """The end-to-end test server (tests/e2e_server.py), served in process."""
+    from .e2e_server import server
+
+    client, server_end = trio.testing.memory_stream_pair()
+    done = trio.Event()
+
+    async def serve() -> None:
+        async with server_end:
+            await serve_stdio(server, stdin=server_end, stdout=server_end, **options)
+            done.set()
+
+    async with client, trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        yield Wire(client, done)
+        with trio.fail_after(HANG_GUARD):
+            await client.send_eof()
+            await done.wait()
 
 
 async def test_every_answer_reaches_a_slow_reader_after_eof(tmp_path: Path) -> None:
@@ -42,30 +110,29 @@ async def test_a_client_that_never_reads_cannot_hold_the_server(tmp_path: Path) 
                                                for i in range(1, 4001)))  # fmt: skip
         await trio.sleep(0.3)
         await raw.proc.stdin.aclose()
-        with trio.fail_after(5):  # grace + the final flush, not forever
+        with trio.fail_after(15):  # grace + the final flush, not forever (slack for a busy machine)
             assert await raw.proc.wait() == 0
 
 
-async def test_cancel_naming_the_id_as_a_number_settles_a_string_id(tmp_path: Path) -> None:
-    async with raw_server(tmp_path, "--shutdown-grace", "4") as raw:
+async def test_cancel_naming_the_id_as_a_number_settles_a_string_id() -> None:
+    async with wire(shutdown_grace=30) as raw:
         await raw.handshake()
         request = call(0, "slow", seconds=30)
         request["id"] = "7"
         await raw.send(request)
-        await trio.sleep(0.3)
         await raw.send({"jsonrpc": "2.0", "method": "notifications/cancelled",
                         "params": {"requestId": 7}})  # fmt: skip
-        await trio.sleep(0.3)
+        await raw.send(ping(8))
+        assert (await raw.recv())["id"] == 8  # both read and handled
         start = time.monotonic()
-        assert raw.proc.stdin is not None
-        await raw.proc.stdin.aclose()
+        await raw.stream.send_eof()
         assert await raw.rest() == b""  # a cancelled request gets no answer
-        assert await raw.wait() == 0
-        assert time.monotonic() - start < 2  # not the 4 s grace period
+        assert raw.done.is_set()
+        assert time.monotonic() - start < 10  # not the 30 s grace period
 
 
-async def test_request_with_an_invalid_id_gets_invalid_request(tmp_path: Path) -> None:
-    async with raw_server(tmp_path) as raw:
+async def test_request_with_an_invalid_id_gets_invalid_request() -> None:
+    async with wire() as raw:
         await raw.handshake()
         await raw.send(b'{"jsonrpc":"2.0","id":1.5,"method":"ping"}')
         reply = await raw.recv()
