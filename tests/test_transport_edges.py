@@ -8,83 +8,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import trio
-import trio.testing
 
-from mcp_sessions import serve_stdio
-
-from .test_transport import INIT, INITIALIZED, Raw, call, raw_server
-
-HANG_GUARD = 30.0
+from .test_transport import Raw, call, raw_server, wire
 
 
 def ping(i: int | str) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": i, "method": "ping"}
-
-
-class Wire:
-    """Raw JSON lines to a server served in process (``Raw``'s calls, without a process)."""
-
-    def __init__(self, stream: trio.testing.StapledStream[Any, Any], done: trio.Event) -> None:
-        self.stream = stream
-        self.done = done  # serve_stdio returned (the process would have exited 0)
-        self._buf = b""
-
-    async def send(self, message: Any) -> None:
-        data = message if isinstance(message, bytes) else json.dumps(message).encode()
-        await self.stream.send_all(data + b"\n")
-
-    async def recv(self) -> dict[str, Any]:
-        with trio.fail_after(HANG_GUARD):
-            while b"\n" not in self._buf:
-                chunk = await self.stream.receive_some(65536)
-                assert chunk, "server closed stdout"
-                self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        message: dict[str, Any] = json.loads(line)
-        assert message["jsonrpc"] == "2.0"
-        return message
-
-    async def rest(self) -> bytes:
-        """Everything left until the server is done and its end is closed."""
-        with trio.fail_after(HANG_GUARD):
-            while chunk := await self.stream.receive_some(65536):
-                self._buf += chunk
-        rest, self._buf = self._buf, b""
-        return rest
-
-    async def handshake(self) -> None:
-        await self.send(INIT)
-        reply = await self.recv()
-        assert reply["id"] == 0
-        assert "result" in reply
-        await self.send(INITIALIZED)
-
-
-@asynccontextmanager
-async def wire(**options: Any) -> AsyncIterator[Wire]:
-    """The end-to-end test server (tests/e2e_server.py), served in process."""
-    from .e2e_server import server
-
-    client, server_end = trio.testing.memory_stream_pair()
-    done = trio.Event()
-
-    async def serve() -> None:
-        async with server_end:
-            await serve_stdio(server, stdin=server_end, stdout=server_end, **options)
-            done.set()
-
-    async with client, trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
-        yield Wire(client, done)
-        with trio.fail_after(HANG_GUARD):
-            await client.send_eof()
-            await done.wait()
 
 
 async def test_every_answer_reaches_a_slow_reader_after_eof(tmp_path: Path) -> None:
