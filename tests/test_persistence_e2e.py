@@ -133,10 +133,11 @@ async def test_handle_session_resumes_after_a_restart(sqlite_url: str) -> None:
 async def test_session_idle_past_its_timeout_across_a_restart_is_expired(sqlite_url: str) -> None:
     async with connect(sqlite_url, "auto") as first:
         handle = ok(await first.call_tool("session_open", {"idle_timeout_s": 60}))["session"]
-    # The server is down for two minutes (its wall clock says so): past the idle timeout plus
-    # one touch interval of grace.
-    later = Settings()
-    assert later.touch_interval < 60
+    async with connect(sqlite_url, "auto") as again:  # restarted at once: still there
+        ok(await again.call_tool("session_info", {"session": handle}))
+    # Then down for two minutes (the new server's wall clock says so): past the idle timeout
+    # plus one touch interval of grace.
+    assert Settings().touch_interval < 60
     async with connect(sqlite_url, "auto", wall=lambda: time.time() + 120) as second:
         result = await second.call_tool("session_info", {"session": handle})
         assert error_code(result) == "session_expired"
