@@ -1,18 +1,43 @@
-"""The examples run, and do what they say, with the official client over stdio."""
+"""The examples do what they say, served in process to the official client over JSON lines."""
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import ModuleType
 from typing import Any
 
 import trio
+import trio.testing
 from mcp.client.client import Client
-from mcp.client.stdio import StdioServerParameters
 
-from .conftest import PYTHON, ROOT
+from mcp_sessions import serve_stdio
+
+from ._wire import line_transport
+from .conftest import ROOT
 
 
-def example(name: str) -> StdioServerParameters:
-    return StdioServerParameters(command=PYTHON, args=[str(ROOT / "examples" / name)])
+def example(name: str) -> ModuleType:
+    """A fresh copy of ``examples/<name>`` (its module-level state included)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name[:-3]}", ROOT / "examples" / name)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@asynccontextmanager
+async def served(module: ModuleType, mode: str) -> AsyncIterator[Client]:
+    """The example's server, as ``run_stdio(server)`` serves it, and a client of it."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with client_stream, server_stream, trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: serve_stdio(module.server, stdin=server_stream, stdout=server_stream)
+        )
+        async with Client(line_transport(client_stream), mode=mode) as client:
+            yield client
 
 
 def structured(result: Any) -> Any:
@@ -21,8 +46,9 @@ def structured(result: Any) -> Any:
 
 
 async def test_notes_server_keeps_notes_per_session() -> None:
+    notes = example("notes_server.py")
     with trio.fail_after(30):
-        async with Client(example("notes_server.py"), mode="legacy") as c:
+        async with served(notes, mode="legacy") as c:
             # The connection's own session.
             assert structured(await c.call_tool("add_note", {"text": "one"}))["count"] == 1
             assert structured(await c.call_tool("add_note", {"text": "two"}))["count"] == 2
@@ -35,7 +61,7 @@ async def test_notes_server_keeps_notes_per_session() -> None:
             }
             await c.call_tool("clear_notes", {})
             assert structured(await c.call_tool("list_notes", {})) == {"result": []}
-        async with Client(example("notes_server.py"), mode="auto") as c:
+        async with served(notes, mode="auto") as c:
             missing = await c.call_tool("list_notes", {})
             assert missing.is_error
             assert missing.structured_content is not None
@@ -47,9 +73,11 @@ async def test_notes_server_keeps_notes_per_session() -> None:
             }
 
 
-async def test_background_job_reports_progress_and_is_cancelled_with_its_session() -> None:
-    with trio.fail_after(30):
-        async with Client(example("background_job.py"), mode="auto") as c:
+async def test_background_job_reports_progress_and_is_cancelled_with_its_session(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(300):  # mock time: the job's delays pass at once
+        async with served(example("background_job.py"), mode="auto") as c:
             handle = structured(await c.call_tool("session_open", {}))["session"]
             progress: list[tuple[float, float | None, str | None]] = []
 
@@ -68,7 +96,7 @@ async def test_background_job_reports_progress_and_is_cancelled_with_its_session
             job_session = structured(
                 await c.call_tool("start_job", {"steps": 1000, "delay": 0.02, "session": other})
             )["result"]
-            await trio.sleep(0.2)
+            await trio.sleep(0.2)  # mock time: ten steps of the job
             state = structured(await c.call_tool("session_state_get", {"session": other}))
             assert state["state"]["job"]["step"] >= 1
             assert structured(await c.call_tool("job_status", {}))[job_session] == "running"

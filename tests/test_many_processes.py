@@ -8,8 +8,8 @@
 - idle precision: with a durable store a session ends no later than
   ``idle_timeout + min(touch_interval, idle_timeout / 4) + cleanup_interval`` after its last use
   anywhere (not ``idle_timeout + touch_interval``);
-- state cap: a patch past ``--max-state-bytes`` is refused with ``state_too_large`` and nothing
-  is written.
+- state cap (in process, two servers on one store): a patch past ``max_state_bytes`` is refused
+  with ``state_too_large`` and nothing is written.
 """
 
 from __future__ import annotations
@@ -24,20 +24,31 @@ from typing import Any
 
 import trio
 from mcp.client.client import Client
+from mcp.client.stdio import StdioServerParameters
 
 import mcp_sessions
 
 from .conftest import PYTHON
 from .test_persistence_e2e import (  # noqa: F401 (pg_url, shared_url, sqlite_url: fixtures)
-    connect,
     pg_url,
+    runtime,
     serve_args,
+    served,
     shared_url,
     sqlite_url,
 )
 from .test_server_e2e import error_code, ok
 
 PRINCIPAL = "alice"  # serve_args' principal
+
+
+@asynccontextmanager
+async def connect(store: str, mode: str = "auto", *extra: str) -> AsyncIterator[Client]:
+    """A real ``mcp-sessions serve`` process on ``store``, and the official client of it."""
+    params = StdioServerParameters(command=PYTHON, args=serve_args(store, *extra))
+    with trio.fail_after(60):  # hang guard
+        async with Client(params, mode=mode) as client:  # type: ignore[arg-type]
+            yield client
 
 
 @asynccontextmanager
@@ -367,8 +378,16 @@ async def test_idle_sessions_end_within_their_bound_after_their_last_use_anywher
 async def test_state_cap_refuses_a_patch_past_it_and_writes_nothing(
     shared_url: str,  # noqa: F811
 ) -> None:
-    cap = ("--max-state-bytes", "1000")
-    async with servers(shared_url, 2, "auto", *cap) as (a, b), open_store(shared_url) as store:
+    """In process (the cap is the point, not the processes): two servers, each with its own
+    store object on the one database."""
+    cap = mcp_sessions.Settings(max_state_bytes=1000)
+    async with (
+        runtime(shared_url, cap) as sup_a,
+        runtime(shared_url, cap) as sup_b,
+        served(sup_a) as a,
+        served(sup_b) as b,
+        open_store(shared_url) as store,
+    ):
         opened = ok(await a.call_tool("session_open", {}))
         handle = opened["session"]
         first = {"keep": "x" * 500}

@@ -1,7 +1,13 @@
-"""Persistence end to end: real server processes, the official client, real SQLite and PostgreSQL.
+"""Persistence: the server and the official client, real SQLite and PostgreSQL.
 
-- restart: a handle session outlives its server process, state intact;
-- two processes on one store: open in one, patch in the other, close in one seen in the other,
+In process (JSON lines over a memory stream pair, the official client), where the
+server's behaviour is the point: a "restart" is a new supervisor on the same
+SQLite file, "two processes" are two supervisors with their own store objects
+on one database, the operator's commands run through ``mcp_sessions._cli.main``.
+A real process only for ``kill -9``.
+
+- restart: a handle session outlives its server, state intact;
+- two servers on one store: open in one, patch in the other, close in one seen in the other,
   interleaved patches lose nothing (SQLite file and PostgreSQL database);
 - ``kill -9`` while patching: every acknowledged write is there afterwards and the SQLite file
   passes ``PRAGMA integrity_check``.
@@ -13,17 +19,24 @@ import os
 import signal
 import sqlite3
 import subprocess
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from mcp.client.client import Client
-from mcp.client.stdio import StdioServerParameters
+from mcp.server.mcpserver import MCPServer
 
+from mcp_sessions import Hooks, Session, Settings, Supervisor, open_supervisor, serve_stdio
+from mcp_sessions._cli import main as cli_main
+from mcp_sessions._store_url import store_from_url
+
+from ._wire import line_transport
 from .conftest import PYTHON
 from .test_server_e2e import error_code, ok
 
@@ -36,10 +49,43 @@ def serve_args(store: str, *extra: str) -> list[str]:
 
 
 @asynccontextmanager
-async def connect(store: str, mode: str = "auto", *extra: str) -> AsyncIterator[Client]:
-    params = StdioServerParameters(command=PYTHON, args=serve_args(store, *extra))
-    with trio.fail_after(30):
-        async with Client(params, mode=mode) as client:  # type: ignore[arg-type]
+async def runtime(
+    url: str,
+    settings: Settings | None = None,
+    *,
+    wall: Callable[[], float] = time.time,
+    hooks: Hooks | None = None,
+) -> AsyncIterator[Supervisor]:
+    """One server's runtime on the store at ``url`` (its own store object)."""
+    store = store_from_url(url)
+    async with open_supervisor(settings, store=store, wall_clock=wall, hooks=hooks) as sup:
+        yield sup
+
+
+@asynccontextmanager
+async def served(supervisor: Supervisor, mode: str = "auto") -> AsyncIterator[Client]:
+    """The official client connected to ``supervisor`` over JSON lines, as principal alice."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    server: MCPServer[Any] = MCPServer("persistence")
+    async with client_stream, server_stream, trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: serve_stdio(
+                server,
+                supervisor=supervisor,
+                principal="alice",
+                stdin=server_stream,
+                stdout=server_stream,
+            )
+        )
+        async with Client(line_transport(client_stream), mode=mode) as client:
+            yield client
+
+
+@asynccontextmanager
+async def connect(url: str, mode: str = "auto", **kwargs: Any) -> AsyncIterator[Client]:
+    """A server of its own on ``url`` (stopped when the block ends), and a client of it."""
+    with trio.fail_after(60):  # hang guard
+        async with runtime(url, **kwargs) as sup, served(sup, mode) as client:
             yield client
 
 
@@ -85,16 +131,19 @@ async def test_handle_session_resumes_after_a_restart(sqlite_url: str) -> None:
 
 
 async def test_session_idle_past_its_timeout_across_a_restart_is_expired(sqlite_url: str) -> None:
-    fast = ("--touch-interval", "0.2")  # idle expiry allows one touch interval of grace
-    async with connect(sqlite_url, "auto", *fast) as first:
-        handle = ok(await first.call_tool("session_open", {"idle_timeout_s": 0.5}))["session"]
-    await trio.sleep(1.0)  # real time: the server is not running, nothing to mock
-    async with connect(sqlite_url, "auto", *fast) as second:
+    async with connect(sqlite_url, "auto") as first:
+        handle = ok(await first.call_tool("session_open", {"idle_timeout_s": 60}))["session"]
+    async with connect(sqlite_url, "auto") as again:  # restarted at once: still there
+        ok(await again.call_tool("session_info", {"session": handle}))
+    # Then down for two minutes (the new server's wall clock says so): past the idle timeout
+    # plus one touch interval of grace.
+    assert Settings().touch_interval < 60
+    async with connect(sqlite_url, "auto", wall=lambda: time.time() + 120) as second:
         result = await second.call_tool("session_info", {"session": handle})
         assert error_code(result) == "session_expired"
 
 
-async def test_two_processes_share_sessions(shared_url: str) -> None:
+async def test_two_servers_on_one_store_share_sessions(shared_url: str) -> None:
     async with connect(shared_url, "legacy") as a, connect(shared_url, "auto") as b:
         handle = ok(await a.call_tool("session_open", {}))["session"]
         assert ok(await b.call_tool("session_state_patch", {"session": handle, "patch": {"x": 1}}))
@@ -129,25 +178,23 @@ async def test_two_processes_share_sessions(shared_url: str) -> None:
         ) == ("session_closed")
 
 
-async def test_operator_can_list_and_close_sessions(sqlite_url: str) -> None:
+async def test_operator_can_list_and_close_sessions(
+    sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def cli(*argv: str) -> str:
+        code = await trio.to_thread.run_sync(cli_main, list(argv))
+        out = capsys.readouterr().out
+        assert code == 0, out
+        return out
+
     async with connect(sqlite_url, "auto") as client:
         opened = ok(await client.call_tool("session_open", {}))
-        status = await trio.run_process(
-            [PYTHON, "-m", "mcp_sessions", "status", "--store", sqlite_url, "--json"],
-            capture_stdout=True,
-        )
-        assert b'"handle"' in status.stdout
-        listed = await trio.run_process(
-            [PYTHON, "-m", "mcp_sessions", "sessions", "list", "--store", sqlite_url],
-            capture_stdout=True,
-        )
-        assert opened["id"].encode() in listed.stdout
-        assert opened["session"].encode() not in listed.stdout  # never a handle
-        await trio.run_process(
-            [PYTHON, "-m", "mcp_sessions", "sessions", "close", opened["id"], "--store",
-             sqlite_url],
-            capture_stdout=True,
-        )  # fmt: skip
+        status = await cli("status", "--store", sqlite_url, "--json")
+        assert '"handle"' in status
+        listed = await cli("sessions", "list", "--store", sqlite_url)
+        assert opened["id"] in listed
+        assert opened["session"] not in listed  # never a handle
+        await cli("sessions", "close", opened["id"], "--store", sqlite_url)
         result = await client.call_tool("session_info", {"session": opened["session"]})
         assert error_code(result) == "session_closed"
 
@@ -260,7 +307,8 @@ async def test_postgres_outage_gives_store_unavailable_and_recovers(pg_url: str)
     async with trio.open_nursery() as nursery:
         await nursery.start(proxy.serve)
         netloc = f"{parts.username or 'postgres'}@127.0.0.1:{proxy.port}"
-        query = parts.query + "&op_timeout=2&store_connect_timeout=1"
+        op_timeout = 1.0
+        query = parts.query + f"&op_timeout={op_timeout}&store_connect_timeout=1"
         url = parts._replace(netloc=netloc, query=query).geturl()
         async with connect(url, "auto") as client:
             handle = ok(await client.call_tool("session_open", {}))["session"]
@@ -276,7 +324,7 @@ async def test_postgres_outage_gives_store_unavailable_and_recovers(pg_url: str)
                 "session_state_patch", {"session": handle, "patch": {"b": 2}}
             )
             assert error_code(result) == "store_unavailable"
-            assert trio.current_time() - start < 6  # bounded: op timeout 2 s, plus slack
+            assert trio.current_time() - start < op_timeout + 4  # bounded: op timeout, plus slack
             health = await client.read_resource("sessions://health")
             text = health.contents[0].text  # type: ignore[union-attr]
             assert '"healthy": false' in text
@@ -306,15 +354,19 @@ async def test_postgres_outage_gives_store_unavailable_and_recovers(pg_url: str)
 
 
 async def test_concurrent_calls_on_a_handle_opened_by_another_process(shared_url: str) -> None:
-    """Many calls naming one handle at once, in a process that has not seen it yet and takes a
+    """Many calls naming one handle at once, in a server that has not seen it yet and takes a
     while to bring it in (its resume hook sleeps): the first call brings it in, the rest wait
     for it. (The waiters' crash of issue 7 is pinned in process, deterministically, by
     ``test_concurrent_resolves_of_a_handle_opened_elsewhere_share_one_session``; over stdio it
     did not reproduce reliably against the old code.)"""
-    slow = StdioServerParameters(
-        command=PYTHON, args=[str(Path(__file__).parent / "e2e_slow_resume.py"), shared_url, "0.5"]
-    )
-    async with connect(shared_url, "legacy") as first, Client(slow, mode="auto") as second:
+
+    async def resume(session: Session) -> None:
+        await trio.sleep(0.5)
+
+    async with (
+        connect(shared_url, "legacy") as first,
+        connect(shared_url, "auto", hooks=Hooks(resume=resume)) as second,
+    ):
         handle = ok(await first.call_tool("session_open", {}))["session"]
         ok(await first.call_tool("session_state_patch", {"session": handle, "patch": {"n": 1}}))
         results: list[Any] = []

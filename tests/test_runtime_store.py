@@ -374,14 +374,20 @@ class SlowStore(DurableMemoryStore):
 async def test_own_unwritten_use_keeps_a_session_from_expiring_at_resolve(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async with process(SlowStore()) as sup:
+    store = SlowStore()
+    store.delay["touch"] = 10.0  # the touch that writes the use lands at t=75
+    async with process(store) as sup:
         await trio.sleep(2)
         session, handle = await sup.open_handle_session(principal="alice")
         await trio.sleep(59)
-        async with sup.request(session):  # used at t=61; the next touch is at t=65
+        async with sup.request(session):  # used at t=61; the next touch starts at t=65
             pass
-        await trio.sleep(1)
+        await trio.sleep(7)
+        # t=68: the stored record still says idle since t=2, due at 2 + 60 + 5 (grace) = 67;
+        # only this process's own unwritten use at t=61 keeps it alive.
+        assert (await stored(store, session.id)).last_active == pytest.approx(EPOCH + 2, abs=0.01)
         assert await sup.resolve_handle(handle, "alice") is session
+        assert session.state is S.IDLE
 
 
 async def test_sweep_does_not_end_a_session_just_used_here(

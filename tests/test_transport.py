@@ -1,7 +1,8 @@
-"""The stdio transport on the wire: a real server process fed raw bytes.
+"""The stdio transport on the wire: a real server process fed raw bytes (``raw_server``), or
+the same server served in process over a memory stream where no process is needed (``wire``).
 
-Every test checks that the process exits 0 and that everything it wrote to
-stdout is a JSON-RPC message (one per line).
+Every test checks that the server ends normally (the process exits 0) and that everything it
+wrote to stdout is a JSON-RPC message (one per line).
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
+
+from mcp_sessions import serve_stdio
 
 from .conftest import E2E_SERVER, PYTHON
 
 INIT = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
         "params": {"protocolVersion": "2025-11-25", "capabilities": {},
                    "clientInfo": {"name": "raw", "version": "0"}}}  # fmt: skip
-TIMEOUT = 5.0
+TIMEOUT = 30.0  # a hang guard, generous for a busy machine
 INITIALIZED = {"jsonrpc": "2.0", "method": "notifications/initialized"}
 
 
@@ -103,6 +107,66 @@ async def raw_server(tmp_path: Path, *args: str) -> AsyncIterator[Raw]:
                 await stream.aclose()
 
 
+class Wire:
+    """Raw JSON lines to a server served in process (``Raw``'s calls, without a process)."""
+
+    def __init__(self, stream: trio.testing.StapledStream[Any, Any], done: trio.Event) -> None:
+        self.stream = stream
+        self.done = done  # serve_stdio returned (the process would have exited 0)
+        self._buf = b""
+
+    async def send(self, message: Any) -> None:
+        data = message if isinstance(message, bytes) else json.dumps(message).encode()
+        await self.stream.send_all(data + b"\n")
+
+    async def recv(self) -> dict[str, Any]:
+        with trio.fail_after(TIMEOUT):
+            while b"\n" not in self._buf:
+                chunk = await self.stream.receive_some(65536)
+                assert chunk, "server closed stdout"
+                self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        message: dict[str, Any] = json.loads(line)
+        assert message["jsonrpc"] == "2.0"
+        return message
+
+    async def rest(self) -> bytes:
+        """Everything left until the server is done and its end is closed."""
+        with trio.fail_after(TIMEOUT):
+            while chunk := await self.stream.receive_some(65536):
+                self._buf += chunk
+        rest, self._buf = self._buf, b""
+        return rest
+
+    async def handshake(self) -> None:
+        await self.send(INIT)
+        reply = await self.recv()
+        assert reply["id"] == 0
+        assert "result" in reply
+        await self.send(INITIALIZED)
+
+
+@asynccontextmanager
+async def wire(**options: Any) -> AsyncIterator[Wire]:
+    """The end-to-end test server (tests/e2e_server.py), served in process."""
+    from .e2e_server import server
+
+    client, server_end = trio.testing.memory_stream_pair()
+    done = trio.Event()
+
+    async def serve() -> None:
+        async with server_end:
+            await serve_stdio(server, stdin=server_end, stdout=server_end, **options)
+            done.set()
+
+    async with client, trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        yield Wire(client, done)
+        with trio.fail_after(TIMEOUT):
+            await client.send_eof()
+            await done.wait()
+
+
 def error(message: dict[str, Any]) -> tuple[Any, int]:
     return message["id"], message["error"]["code"]
 
@@ -181,16 +245,16 @@ async def test_grace_period_bounds_shutdown(tmp_path: Path) -> None:
         assert await raw.wait() == 0
 
 
-async def test_eof_lets_in_flight_requests_finish(tmp_path: Path) -> None:
-    async with raw_server(tmp_path) as raw:
+async def test_eof_lets_in_flight_requests_finish() -> None:
+    """In process: stdin EOF is the stream's end, no process needed."""
+    async with wire() as raw:
         await raw.handshake()
         await raw.send(call(1, "slow", seconds=0.3))
-        assert raw.proc.stdin is not None
-        await raw.proc.stdin.aclose()
+        await raw.stream.send_eof()
         reply = await raw.recv()
         assert reply["result"]["content"][0]["text"] == "done"
         assert await raw.rest() == b""
-        assert await raw.wait() == 0
+        assert raw.done.is_set()  # serve_stdio returned normally
 
 
 async def test_broken_stdout_with_stdin_open_exits_0(tmp_path: Path) -> None:
