@@ -86,7 +86,7 @@ from ._resources import health, install_session_resources
 from ._runtime import Session, SessionKind, Supervisor, open_supervisor
 from ._settings import Settings
 from ._state import TerminationReason
-from ._store import SessionStore
+from ._store import SessionStore, StoreUnavailable
 from ._tools import install_session_tools
 
 __all__ = ["Principals", "load_bearer_tokens", "run_http", "serve_http"]
@@ -225,7 +225,11 @@ class _HttpSessions:
             return
         http = self._sessions.get(session_id)
         if http is None:
-            http = await self._resume(session_id, principal, shared)
+            try:
+                http = await self._resume(session_id, principal, shared)
+            except StoreUnavailable as exc:
+                await _json_error(send, 503, INTERNAL_ERROR, f"Session store unavailable: {exc}")
+                return
         if http is None or http.connection.principal != principal:
             await _json_error(send, 404, INVALID_REQUEST, "Session not found")
             return
@@ -287,6 +291,8 @@ class _HttpSessions:
         try:
             try:
                 session = await self._layer.supervisor.resolve_handle(session_id, principal)
+            except StoreUnavailable:
+                raise  # not "no such session": the client must not start over (503)
             except SessionError as exc:
                 logger.debug("no HTTP session to resume: %s", exc)
                 return None

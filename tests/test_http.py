@@ -502,3 +502,36 @@ async def test_the_sdks_token_verifier_decides_the_principal() -> None:
                     assert content(other)["error"]["code"] == "session_not_found"
                 async with Client(streamable_http_client(url, http_client=alice)) as a:
                     assert content(await a.call_tool("session_info", {"session": handle}))["id"]
+
+
+async def test_resuming_during_a_store_outage_is_503_not_404(pg_schema_name: str) -> None:
+    # 404 would tell the client its session is gone, and it would start over.
+    from urllib.parse import urlsplit
+
+    from .test_store_contract import PG_DSN
+    from .test_store_faults import Proxy
+
+    assert PG_DSN is not None
+    parts = urlsplit(PG_DSN)
+    proxy = Proxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(proxy.serve)
+            dsn = parts._replace(netloc=f"{parts.username or 'postgres'}@127.0.0.1:{proxy.port}")
+            far = pg_store(pg_schema_name, dsn.geturl(), op_timeout=1.0, connect_timeout=0.5)
+            async with (
+                http_server(store=pg_store(pg_schema_name)) as here,
+                http_server(store=far) as there,
+                httpx.AsyncClient() as http,
+            ):
+                headers = await handshake(http, here)
+                proxy.cut_all()
+                cut = await call(http, there, headers, "session_info", {})
+                assert cut.status_code == 503, cut.text
+                proxy.restore()
+                while (
+                    got := await call(http, there, headers, "session_info", {})
+                ).status_code != 200:
+                    assert got.status_code == 503
+                    await trio.sleep(0.1)  # the pool reconnects in the background
+            nursery.cancel_scope.cancel()
