@@ -86,6 +86,7 @@ from ._resources import health, install_session_resources
 from ._runtime import Session, SessionKind, Supervisor, open_supervisor
 from ._settings import Settings
 from ._state import TerminationReason
+from ._stdio import _lowlevel
 from ._store import SessionStore, StoreUnavailable
 from ._tools import install_session_tools
 
@@ -195,7 +196,7 @@ class _HttpSessions:
         security: TransportSecuritySettings | None,
         lifespan_state: Any,
     ) -> None:
-        self._lowlevel = server._lowlevel_server  # see _stdio._lowlevel
+        self._lowlevel = _lowlevel(server)
         self._layer = layer
         self._security = security
         self._lifespan_state = lifespan_state
@@ -641,7 +642,7 @@ async def _serve(
     await layer.refresh_tools()
     security = _security(options.host)
     modern = StreamableHTTPSessionManager(
-        app=server._lowlevel_server, stateless=True, security_settings=security
+        app=_lowlevel(server), stateless=True, security_settings=security
     )
     server.middleware.append(layer)
     try:

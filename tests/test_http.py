@@ -356,7 +356,9 @@ async def test_three_instances_share_handles_and_handshake_sessions(pg_schema_na
                 assert _sse_result(got)["structuredContent"]["state"] == {"n": 3}
 
 
-async def test_readyz_is_503_with_the_reason_while_the_store_is_down(pg_schema_name: str) -> None:
+@asynccontextmanager
+async def proxied_pg(schema: str) -> AsyncIterator[tuple[Any, PostgresStore]]:
+    """A PostgreSQL store reached through a loopback proxy that can cut it off."""
     from urllib.parse import urlsplit
 
     from .test_store_contract import PG_DSN
@@ -365,26 +367,32 @@ async def test_readyz_is_503_with_the_reason_while_the_store_is_down(pg_schema_n
     assert PG_DSN is not None
     parts = urlsplit(PG_DSN)
     proxy = Proxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.serve)
+        dsn = parts._replace(netloc=f"{parts.username or 'postgres'}@127.0.0.1:{proxy.port}")
+        yield proxy, pg_store(schema, dsn.geturl(), op_timeout=1.0, connect_timeout=0.5, max_size=2)
+        nursery.cancel_scope.cancel()
+
+
+async def test_readyz_is_503_with_the_reason_while_the_store_is_down(pg_schema_name: str) -> None:
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(proxy.serve)
-            netloc = f"{parts.username or 'postgres'}@127.0.0.1:{proxy.port}"
-            dsn = parts._replace(netloc=netloc).geturl()
-            store = pg_store(pg_schema_name, dsn, op_timeout=1.0, connect_timeout=0.5, max_size=2)
-            async with http_server(store=store) as url, httpx.AsyncClient() as http:
-                base = url.removesuffix("/mcp")
-                assert (await http.get(base + "/readyz")).status_code == 200
-                proxy.cut_all()
-                down = await http.get(base + "/readyz")
-                assert down.status_code == 503
-                assert down.json()["store"]["healthy"] is False
-                assert down.json()["store"]["error"]
-                assert (await http.get(base + "/healthz")).status_code == 200
-                proxy.restore()
-                # The pool reconnects in the background: ready again within seconds.
-                while (await http.get(base + "/readyz")).status_code != 200:  # noqa: ASYNC110
-                    await trio.sleep(0.1)
-            nursery.cancel_scope.cancel()
+        async with (
+            proxied_pg(pg_schema_name) as (proxy, store),
+            http_server(store=store) as url,
+            httpx.AsyncClient() as http,
+        ):
+            base = url.removesuffix("/mcp")
+            assert (await http.get(base + "/readyz")).status_code == 200
+            proxy.cut_all()
+            down = await http.get(base + "/readyz")
+            assert down.status_code == 503
+            assert down.json()["store"]["healthy"] is False
+            assert down.json()["store"]["error"]
+            assert (await http.get(base + "/healthz")).status_code == 200
+            proxy.restore()
+            # The pool reconnects in the background: ready again within seconds.
+            while (await http.get(base + "/readyz")).status_code != 200:  # noqa: ASYNC110
+                await trio.sleep(0.1)
 
 
 async def test_sigterm_drains_a_call_in_flight_then_stops() -> None:
@@ -506,32 +514,18 @@ async def test_the_sdks_token_verifier_decides_the_principal() -> None:
 
 async def test_resuming_during_a_store_outage_is_503_not_404(pg_schema_name: str) -> None:
     # 404 would tell the client its session is gone, and it would start over.
-    from urllib.parse import urlsplit
-
-    from .test_store_contract import PG_DSN
-    from .test_store_faults import Proxy
-
-    assert PG_DSN is not None
-    parts = urlsplit(PG_DSN)
-    proxy = Proxy(parts.hostname or "127.0.0.1", parts.port or 5432)
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(proxy.serve)
-            dsn = parts._replace(netloc=f"{parts.username or 'postgres'}@127.0.0.1:{proxy.port}")
-            far = pg_store(pg_schema_name, dsn.geturl(), op_timeout=1.0, connect_timeout=0.5)
-            async with (
-                http_server(store=pg_store(pg_schema_name)) as here,
-                http_server(store=far) as there,
-                httpx.AsyncClient() as http,
-            ):
-                headers = await handshake(http, here)
-                proxy.cut_all()
-                cut = await call(http, there, headers, "session_info", {})
-                assert cut.status_code == 503, cut.text
-                proxy.restore()
-                while (
-                    got := await call(http, there, headers, "session_info", {})
-                ).status_code != 200:
-                    assert got.status_code == 503
-                    await trio.sleep(0.1)  # the pool reconnects in the background
-            nursery.cancel_scope.cancel()
+        async with (
+            proxied_pg(pg_schema_name) as (proxy, far),
+            http_server(store=pg_store(pg_schema_name)) as here,
+            http_server(store=far) as there,
+            httpx.AsyncClient() as http,
+        ):
+            headers = await handshake(http, here)
+            proxy.cut_all()
+            cut = await call(http, there, headers, "session_info", {})
+            assert cut.status_code == 503, cut.text
+            proxy.restore()
+            while (got := await call(http, there, headers, "session_info", {})).status_code != 200:
+                assert got.status_code == 503
+                await trio.sleep(0.1)  # the pool reconnects in the background
