@@ -1,4 +1,5 @@
-"""A client-side JSON-lines transport over any trio stream (for in-process tests)."""
+"""In-process wiring: a client-side JSON-lines transport over any trio stream, and the
+official client connected to ``serve_stdio`` over an in-memory stream pair."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ from typing import Any
 
 import anyio
 import trio
+import trio.testing
+from mcp.client.client import Client
+from mcp.server.mcpserver import MCPServer
 from mcp.shared.message import SessionMessage
 from mcp_types import jsonrpc_message_adapter
+
+from mcp_sessions import serve_stdio
 
 
 @asynccontextmanager
@@ -46,3 +52,21 @@ async def line_transport(stream: trio.abc.HalfCloseableStream) -> AsyncIterator[
         await from_client_send.aclose()
         await written.wait()
         nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def serve_in_process(
+    server: MCPServer[Any], mode: str = "auto", **options: Any
+) -> AsyncIterator[Client]:
+    """The official client connected to ``serve_stdio(server, **options)`` in this process,
+    over an in-memory stream pair (principal ``alice`` unless ``options`` says otherwise)."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    options.setdefault("principal", "alice")
+
+    async def serve() -> None:
+        await serve_stdio(server, stdin=server_stream, stdout=server_stream, **options)
+
+    async with client_stream, server_stream, trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        async with Client(line_transport(client_stream), mode=mode) as client:
+            yield client

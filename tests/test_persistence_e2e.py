@@ -32,11 +32,11 @@ import trio.testing
 from mcp.client.client import Client
 from mcp.server.mcpserver import MCPServer
 
-from mcp_sessions import Hooks, Session, Settings, Supervisor, open_supervisor, serve_stdio
+from mcp_sessions import Hooks, Session, Settings, Supervisor, open_supervisor
 from mcp_sessions._cli import main as cli_main
 from mcp_sessions._store_url import store_from_url
 
-from ._wire import line_transport
+from ._wire import serve_in_process
 from .conftest import PYTHON
 from .test_server_e2e import error_code, ok
 
@@ -62,23 +62,9 @@ async def runtime(
         yield sup
 
 
-@asynccontextmanager
-async def served(supervisor: Supervisor, mode: str = "auto") -> AsyncIterator[Client]:
+def served(supervisor: Supervisor, mode: str = "auto") -> Any:
     """The official client connected to ``supervisor`` over JSON lines, as principal alice."""
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    server: MCPServer[Any] = MCPServer("persistence")
-    async with client_stream, server_stream, trio.open_nursery() as nursery:
-        nursery.start_soon(
-            lambda: serve_stdio(
-                server,
-                supervisor=supervisor,
-                principal="alice",
-                stdin=server_stream,
-                stdout=server_stream,
-            )
-        )
-        async with Client(line_transport(client_stream), mode=mode) as client:
-            yield client
+    return serve_in_process(MCPServer("persistence"), mode, supervisor=supervisor)
 
 
 @asynccontextmanager

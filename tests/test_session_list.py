@@ -19,27 +19,13 @@ import trio.testing
 from mcp.client.client import Client
 from mcp.server.mcpserver import MCPServer
 
-from mcp_sessions import Settings, SQLiteStore, Supervisor, open_supervisor, serve_stdio
+from mcp_sessions import Settings, SQLiteStore, Supervisor, open_supervisor
 
-from ._wire import line_transport
+from ._wire import serve_in_process
 
 
-@asynccontextmanager
-async def connect(supervisor: Supervisor, principal: str, mode: str) -> AsyncIterator[Client]:
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    server: MCPServer[Any] = MCPServer("paging")
-    async with client_stream, server_stream, trio.open_nursery() as nursery:
-        nursery.start_soon(
-            lambda: serve_stdio(
-                server,
-                supervisor=supervisor,
-                principal=principal,
-                stdin=server_stream,
-                stdout=server_stream,
-            )
-        )
-        async with Client(line_transport(client_stream), mode=mode) as client:
-            yield client
+def connect(supervisor: Supervisor, principal: str, mode: str) -> Any:
+    return serve_in_process(MCPServer("paging"), mode, supervisor=supervisor, principal=principal)
 
 
 async def page(client: Client, **arguments: Any) -> dict[str, Any]:

@@ -7,38 +7,18 @@ over real JSON lines on a socket pair, with the official client.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
-from mcp.client.client import Client
 from mcp.server.mcpserver import MCPServer
 
-from mcp_sessions import Settings, Supervisor, open_supervisor, serve_stdio
+from mcp_sessions import Settings, Supervisor, open_supervisor
 
-from ._wire import line_transport
+from ._wire import serve_in_process
 
 
-@asynccontextmanager
-async def connect(
-    server: MCPServer[Any], supervisor: Supervisor, principal: str, mode: str
-) -> AsyncIterator[Client]:
-    client_end, server_end = trio.socket.socketpair()
-    client_stream = trio.SocketStream(client_end)
-    server_stream = trio.SocketStream(server_end)
-    async with client_stream, server_stream, trio.open_nursery() as nursery:
-        nursery.start_soon(
-            lambda: serve_stdio(
-                server,
-                supervisor=supervisor,
-                principal=principal,
-                stdin=server_stream,
-                stdout=server_stream,
-            )
-        )
-        async with Client(line_transport(client_stream), mode=mode) as client:
-            yield client
+def connect(server: MCPServer[Any], supervisor: Supervisor, principal: str, mode: str) -> Any:
+    return serve_in_process(server, mode, supervisor=supervisor, principal=principal)
 
 
 async def test_handle_from_one_era_works_in_the_other_and_not_for_another_principal() -> None:
