@@ -50,7 +50,7 @@ if TYPE_CHECKING:
         serve_stdio,
         session_context,
     )
-    from ._settings import LimitPolicy, Settings
+    from ._settings import DEFAULT_MAX_MESSAGE_SIZE, LimitPolicy, Settings
     from ._state import Event, SessionState, TerminationReason
     from ._store import (
         InstanceRecord,
@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     from ._store_pg import PostgresStore
     from ._store_sqlite import SQLiteStore
     from ._store_url import store_from_url
-    from ._transport import DEFAULT_MAX_MESSAGE_SIZE, StdioTransport
+    from ._transport import StdioTransport
 
 __version__ = "0.1.0"
 
@@ -144,7 +144,7 @@ _LAZY: dict[str, str] = {
     "PostgresStore": "_store_pg",
     "ClientInfo": "_runtime",
     "CorrelationFilter": "_server",
-    "DEFAULT_MAX_MESSAGE_SIZE": "_transport",
+    "DEFAULT_MAX_MESSAGE_SIZE": "_settings",
     "Event": "_state",
     "HistogramSnapshot": "_metrics",
     "Hooks": "_runtime",
