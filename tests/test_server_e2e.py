@@ -28,7 +28,8 @@ def params(*extra: str) -> StdioServerParameters:
 def ok(result: CallToolResult) -> dict[str, Any]:
     assert not result.is_error, result
     assert result.structured_content is not None
-    return result.structured_content
+    content: dict[str, Any] = result.structured_content
+    return content
 
 
 def error_code(result: CallToolResult) -> str:
@@ -127,14 +128,14 @@ async def exercise_resources(c: Client) -> None:
 
 
 async def exercise_cancellation(c: Client) -> None:
-    progress: list[float] = []
+    seen: list[float] = []
 
-    async def on_progress(p: float, total: float | None, message: str | None) -> None:
-        progress.append(p)
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append(progress)
 
     done = await c.call_tool("slow", {"seconds": 0.15}, progress_callback=on_progress)
     assert not done.is_error
-    assert progress
+    assert seen
     with trio.move_on_after(0.3) as scope:
         await c.call_tool("slow", {"seconds": 30})
     assert scope.cancelled_caught
@@ -174,9 +175,11 @@ async def test_auto_mode_handles_required() -> None:
     with trio.fail_after(30):
         async with Client(params(), mode="auto") as c:
             assert c.protocol_version == "2026-07-28"
-            for name, args in [("session_info", {}), ("session_state_get", {}),
-                               ("session_state_patch", {"patch": {}}), ("count", {}),
-                               ("session_close", {})]:  # fmt: skip
+            calls: list[tuple[str, dict[str, Any]]]
+            calls = [("session_info", {}), ("session_state_get", {}),
+                     ("session_state_patch", {"patch": {}}), ("count", {}),
+                     ("session_close", {})]  # fmt: skip
+            for name, args in calls:
                 assert error_code(await c.call_tool(name, args)) == "session_required", name
             assert ok(await c.call_tool("session_list", {}))["sessions"] == []
             await exercise_handle_tools(c)
