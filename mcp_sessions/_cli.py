@@ -319,10 +319,18 @@ def main(argv: Sequence[str] | None = None, *, server: Any = None) -> int:
         _serve(args, options, store, server)
     except BaseException as exc:
         failure = _store_failure(exc)
-        if failure is None:
+        if failure is not None:
+            logging.getLogger("mcp_sessions").debug("the store failed", exc_info=exc)
+            print(f"mcp-sessions: error: cannot use the session store: {failure}", file=sys.stderr)
+            return 1
+        unbound = _find(exc, OSError) if args.transport == "http" else None
+        if unbound is None:
             raise
-        logging.getLogger("mcp_sessions").debug("the store failed", exc_info=exc)
-        print(f"mcp-sessions: error: cannot use the session store: {failure}", file=sys.stderr)
+        logging.getLogger("mcp_sessions").debug("listening failed", exc_info=exc)
+        why = unbound.strerror or unbound
+        print(
+            f"mcp-sessions: error: cannot listen on {args.host}:{args.port}: {why}", file=sys.stderr
+        )
         return 1
     return 0
 
@@ -335,11 +343,17 @@ def _usage_error(command: str, message: str) -> NoReturn:
 
 def _store_failure(exc: BaseException) -> BaseException | None:
     """The store error inside ``exc`` (an exception group from the server's tasks)."""
-    if isinstance(exc, StoreError | StoreUnavailable):
+    found: BaseException | None = _find(exc, StoreError, StoreUnavailable)
+    return found
+
+
+def _find(exc: BaseException, *kinds: type[BaseException]) -> Any:
+    """The first exception of ``kinds`` in ``exc`` or the exception groups it nests."""
+    if isinstance(exc, kinds):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            found = _store_failure(inner)
+            found = _find(inner, *kinds)
             if found is not None:
                 return found
     return None

@@ -45,8 +45,8 @@ import json
 import logging
 import secrets
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -85,7 +85,7 @@ from ._layer import SessionLayer
 from ._resources import health, install_session_resources
 from ._runtime import Session, SessionKind, Supervisor, open_supervisor
 from ._settings import Settings
-from ._state import TerminationReason
+from ._state import SessionState, TerminationReason
 from ._stdio import _lowlevel
 from ._store import SessionStore, StoreUnavailable
 from ._tools import install_session_tools
@@ -98,6 +98,8 @@ ANONYMOUS = "anonymous"
 MCP_PATH = "/mcp"
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _PROTOCOL_HEADER = b"mcp-protocol-version"
+#: How long an ended HTTP session's answers in flight may take to get out.
+_ANSWER_GRACE = 5.0
 
 PrincipalFrom = Callable[[Request], Awaitable[str | None]]
 
@@ -179,6 +181,25 @@ class _HttpSession:
 
     transport: StreamableHTTPServerTransport
     connection: Any  # the layer's connection (principal, connection session)
+    #: POSTs being answered: when the session ends, their answers are let out first.
+    posts: int = 0
+    posts_done: trio.Event = attrs.field(factory=trio.Event)
+
+    @contextmanager
+    def post(self) -> Iterator[None]:
+        self.posts += 1
+        try:
+            yield
+        finally:
+            self.posts -= 1
+            if self.posts == 0:
+                self.posts_done.set()
+                self.posts_done = trio.Event()
+
+    async def answered(self) -> None:
+        """Wait until no POST is being answered (bound it with a cancel scope)."""
+        while self.posts:
+            await self.posts_done.wait()
 
 
 class _HttpSessions:
@@ -201,7 +222,7 @@ class _HttpSessions:
         self._security = security
         self._lifespan_state = lifespan_state
         self._sessions: dict[str, _HttpSession] = {}
-        self._resuming: dict[str, trio.Event] = {}
+        self._resuming: dict[tuple[str, str], trio.Event] = {}
         self._nursery: trio.Nursery | None = None
 
     @asynccontextmanager
@@ -225,28 +246,70 @@ class _HttpSessions:
             await self._open(principal, shared, scope, receive, send)
             return
         http = self._sessions.get(session_id)
-        if http is None:
-            try:
+        try:
+            if http is not None and http.connection.principal == principal:
+                http = await self._still_live(session_id, http)
+            elif http is None:
                 http = await self._resume(session_id, principal, shared)
-            except StoreUnavailable as exc:
-                await _json_error(send, 503, INTERNAL_ERROR, f"Session store unavailable: {exc}")
-                return
+        except StoreUnavailable as exc:
+            await _json_error(send, 503, INTERNAL_ERROR, f"Session store unavailable: {exc}")
+            return
         if http is None or http.connection.principal != principal:
             await _json_error(send, 404, INVALID_REQUEST, "Session not found")
             return
         if scope["method"] == "DELETE":
             send = self._closing_on_delete(session_id, http, send)
-        with self._layer.bind(http.connection):
+        answering = http.post() if scope["method"] == "POST" else nullcontext()
+        with self._layer.bind(http.connection), answering:
             await http.transport.handle_request(scope, receive, send)
+
+    async def _still_live(self, session_id: str, http: _HttpSession) -> _HttpSession | None:
+        """``http`` if its session is still live, as the store sees it (another
+        instance or an operator may have ended it); else forget it (``None``: 404).
+
+        No store round trip when nothing changed elsewhere (``resolve_handle``).
+        """
+        session = http.connection.session
+        if session is None:
+            return http  # resumed sessions always have one; a new one is opening
+        if (
+            session.live
+            and session.state is not SessionState.INITIALIZING  # resolving would wait for it
+            and self._layer.supervisor.store is not None
+        ):
+            try:
+                await self._layer.supervisor.resolve_handle(session_id, http.connection.principal)
+            except StoreUnavailable:
+                return http  # serve what this process holds; the store decides later
+            except SessionError:
+                pass  # ended elsewhere: the local copy is now ended too
+        if session.live:
+            return http
+        self._forget(session_id, http)
+        return None
 
     def _closing_on_delete(self, session_id: str, http: _HttpSession, send: Send) -> Send:
         """``send`` for a DELETE: once the transport accepted it, forget the session and
         end it (``closed``) before the client hears so (or its id could resume it)."""
 
+        replaced = False
+
         async def closing(message: Any) -> None:
+            nonlocal replaced
+            if replaced:
+                return  # the transport's own answer, replaced by the 503 below
             if message["type"] == "http.response.start" and message["status"] < 300:
                 self._forget(session_id, http)
-                await self._close(http)
+                try:
+                    await self._close(http)
+                except StoreUnavailable as exc:
+                    # Not closed: the record lives on, and the id resumes it later.
+                    logger.warning("DELETE: could not close the session: %s", exc)
+                    replaced = True
+                    await _json_error(
+                        send, 503, INTERNAL_ERROR, f"Session store unavailable: {exc}"
+                    )
+                    return
             await send(message)
 
         return closing
@@ -273,7 +336,9 @@ class _HttpSessions:
                 status = await _send_and_report_status(
                     http.transport.handle_request, scope, receive, send
                 )
-            established = status is not None and status < 400
+            # Refused (a session limit, the store down): the client got an error
+            # answer, and no HTTP session lives on without its connection session.
+            established = status is not None and status < 400 and connection.session is not None
         finally:
             if not established:
                 self._forget(session_id, http)
@@ -284,11 +349,16 @@ class _HttpSessions:
         """Bring back a session another process (or this one, before a restart) opened."""
         if self._nursery is None or self._layer.supervisor.store is None:
             return None
-        pending = self._resuming.get(session_id)
-        if pending is not None:  # another request is resuming it: wait for that one
-            await pending.wait()
-            return self._sessions.get(session_id)
-        self._resuming[session_id] = done = trio.Event()
+        key = (session_id, principal)  # another principal's attempt never answers for ours
+        while (pending := self._resuming.get(key)) is not None:
+            await pending.wait()  # another request is resuming it: wait for that one
+            http = self._sessions.get(session_id)
+            if http is not None:
+                return http
+            # It failed (the store down, say): try again ourselves, for our own answer.
+        if session_id in self._sessions:
+            return self._sessions[session_id]
+        self._resuming[key] = done = trio.Event()
         try:
             try:
                 session = await self._layer.supervisor.resolve_handle(session_id, principal)
@@ -309,7 +379,7 @@ class _HttpSessions:
                         extra={"session_id": session.id})  # fmt: skip
             return http
         finally:
-            del self._resuming[session_id]
+            del self._resuming[key]
             done.set()
 
     async def _run(
@@ -351,6 +421,8 @@ class _HttpSessions:
             with trio.CancelScope(shield=True):
                 try:
                     await self._layer.supervisor.close(session, TerminationReason.CLOSED)
+                except StoreUnavailable:
+                    raise
                 except SessionError as exc:
                     logger.warning("could not close session %s: %s", session.id, exc)
 
@@ -386,6 +458,10 @@ class _HttpSessions:
         logger.info("HTTP session ended (%s)", session.reason.value if session.reason else "?",
                     extra={"session_id": session.id})  # fmt: skip
         self._forget(http.transport.mcp_session_id or "", http)
+        # New requests now get 404; those being answered (the close's own reply, the
+        # ``session_closed`` errors of cancelled calls) get out first, within bounds.
+        with trio.move_on_after(_ANSWER_GRACE):
+            await http.answered()
         with trio.CancelScope(shield=True):
             await http.transport.terminate()
         scope.cancel()
@@ -457,7 +533,12 @@ class HttpApp:
             await _respond(send, 404, b'{"error": "not found"}\n', b"application/json")
 
     async def _serve_mcp(self, scope: Scope, receive: Receive, send: Send) -> None:
-        principal = await self.principals.of(Request(scope, receive))
+        try:
+            principal = await self.principals.of(Request(scope, receive))
+        except Exception:
+            logger.exception("deciding the caller's principal failed")
+            await _json_error(send, 500, INTERNAL_ERROR, "Could not authenticate the request")
+            return
         if principal is None:
             await _json_error(
                 send, 401, INVALID_REQUEST, "Unauthorized", [(b"www-authenticate", b"Bearer")]

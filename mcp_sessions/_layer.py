@@ -51,6 +51,7 @@ import attrs
 import trio
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import MCPServer
+from mcp.shared.exceptions import MCPError
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from ._context import (
@@ -74,6 +75,9 @@ __all__ = ["SessionLayer"]
 logger = logging.getLogger("mcp_sessions.server")
 
 SessionParam = Literal["required", "optional"]
+
+#: JSON-RPC's "server error" range: the handshake refused by the server, not the client.
+SERVER_ERROR = -32000
 
 
 @attrs.define
@@ -335,7 +339,12 @@ class SessionLayer:
                 handle=connection.handle,
             )
         except SessionError as exc:
-            # A limit or a store outage must not make the connection unusable:
+            if connection.handle is not None:
+                # An HTTP session is nothing without its connection session (no
+                # limit, no expiry, no record): refuse the handshake instead.
+                logger.warning("refusing a session: %s", exc)
+                raise MCPError(SERVER_ERROR, str(exc), {"code": exc.code}) from None
+            # A limit or a store outage must not make a stdio connection unusable:
             # serve it without a connection session (tools that need one say so).
             logger.warning("serving this connection without a session: %s", exc)
             return

@@ -529,3 +529,47 @@ async def test_resuming_during_a_store_outage_is_503_not_404(pg_schema_name: str
             while (got := await call(http, there, headers, "session_info", {})).status_code != 200:
                 assert got.status_code == 503
                 await trio.sleep(0.1)  # the pool reconnects in the background
+
+
+async def test_a_handshake_over_the_session_limit_is_refused_and_leaves_no_session() -> None:
+    from mcp.shared.exceptions import MCPError
+
+    async with open_supervisor(Settings(max_sessions=1)) as supervisor:
+        with trio.fail_after(30):
+            async with (
+                http_server(supervisor=supervisor) as url,
+                Client(url, mode="legacy") as first,
+            ):
+                with pytest.raises(BaseException) as refused:  # noqa: PT011 (a group, unwrapped below)
+                    async with Client(url, mode="legacy") as second:
+                        await second.call_tool("session_info", {})
+                error = refused.value
+                while isinstance(error, BaseExceptionGroup):  # the client's task group
+                    error = error.exceptions[0]
+                assert isinstance(error, MCPError), refused.value
+                assert error.error.data == {"code": "limit_exceeded"}
+                assert len(supervisor.sessions()) == 1
+                # The first session is untouched and still served.
+                info = content(await first.call_tool("session_info", {}))
+                assert info["kind"] == "connection"
+
+
+async def test_a_delete_the_store_cannot_record_is_503_and_the_session_lives_on(
+    pg_schema_name: str,
+) -> None:
+    async with proxied_pg(pg_schema_name) as (proxy, store):
+        with trio.fail_after(60):
+            async with http_server(store=store) as url, httpx.AsyncClient() as http:
+                headers = await handshake(http, url)
+                await call(http, url, headers, "session_state_patch", {"patch": {"k": 1}})
+                proxy.cut_all()
+                deleted = await http.delete(url, headers=headers)
+                assert deleted.status_code == 503, deleted.text
+                proxy.restore()
+                with trio.fail_after(20):
+                    while True:  # the store answers again once the pool reconnects
+                        got = await call(http, url, headers, "session_state_get", {})
+                        if got.status_code == 200:
+                            break
+                        await trio.sleep(0.2)
+                assert _sse_result(got)["structuredContent"]["state"] == {"k": 1}

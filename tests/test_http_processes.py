@@ -428,15 +428,6 @@ async def test_a_handshake_session_opened_on_one_instance_continues_on_the_other
             assert gone.status_code == 404, gone.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: once a handshake-era session is ended elsewhere (DELETE on another "
-    "instance, or `mcp-sessions sessions close`), the first request naming it on an instance "
-    "still running its loop gets 200 with an empty SSE stream, no JSON-RPC answer (the official "
-    "client raises 'SSE stream ended without a response'); only later requests get 404. The "
-    "layer's store lookup ends the local copy, _HttpSessions._follow then terminates the "
-    "transport while that request's answer is still unsent.",
-)
 async def test_a_handshake_session_deleted_on_one_instance_is_404_on_the_others(
     fleet: Fleet,
 ) -> None:
