@@ -117,13 +117,17 @@ async def session_list(
 ) -> CallToolResult:
     """List the caller's live sessions, oldest first, a page at a time (ids, never handles)."""
     caller = served()
-    if caller.shared:
-        # Anonymous callers share one principal: show only what this caller holds.
-        own = caller.connection
-        mine = [_snapshot_times(own.snapshot())] if own is not None and own.live else []
-        return tool_result({"sessions": mine, "next_cursor": None})
     try:
         after = None if cursor is None else _decode_cursor(cursor)
+    except SessionError as exc:
+        return tool_error(exc)
+    if caller.shared:
+        # Anonymous callers share one principal: show only what this caller holds
+        # (one page at most: a cursor is past it).
+        own = caller.connection
+        mine = [_snapshot_times(own.snapshot())] if own is not None and own.live else []
+        return tool_result({"sessions": mine if after is None else [], "next_cursor": None})
+    try:
         records = await caller.supervisor.list_records(
             caller.principal, after=after, limit=limit + 1
         )

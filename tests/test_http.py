@@ -573,3 +573,14 @@ async def test_a_delete_the_store_cannot_record_is_503_and_the_session_lives_on(
                             break
                         await trio.sleep(0.2)
                 assert _sse_result(got)["structuredContent"]["state"] == {"k": 1}
+
+
+async def test_an_anonymous_listing_refuses_a_cursor_it_never_gave() -> None:
+    with trio.fail_after(30):
+        async with http_server() as url, Client(url, mode="legacy") as client:
+            bad = await client.call_tool("session_list", {"cursor": "not-a-cursor"})
+            assert bad.is_error
+            assert content(bad)["error"]["code"] == "invalid_arguments"
+            listed = content(await client.call_tool("session_list", {}))
+            assert [s["kind"] for s in listed["sessions"]] == ["connection"]
+            assert listed["next_cursor"] is None
