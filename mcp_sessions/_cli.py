@@ -324,7 +324,7 @@ def main(argv: Sequence[str] | None = None, *, server: Any = None) -> int:
             print(f"mcp-sessions: error: cannot use the session store: {failure}", file=sys.stderr)
             return 1
         unbound = _find(exc, OSError) if args.transport == "http" else None
-        if unbound is None:
+        if not isinstance(unbound, OSError):
             raise
         logging.getLogger("mcp_sessions").debug("listening failed", exc_info=exc)
         why = unbound.strerror or unbound
@@ -343,11 +343,10 @@ def _usage_error(command: str, message: str) -> NoReturn:
 
 def _store_failure(exc: BaseException) -> BaseException | None:
     """The store error inside ``exc`` (an exception group from the server's tasks)."""
-    found: BaseException | None = _find(exc, StoreError, StoreUnavailable)
-    return found
+    return _find(exc, StoreError, StoreUnavailable)
 
 
-def _find(exc: BaseException, *kinds: type[BaseException]) -> Any:
+def _find(exc: BaseException, *kinds: type[BaseException]) -> BaseException | None:
     """The first exception of ``kinds`` in ``exc`` or the exception groups it nests."""
     if isinstance(exc, kinds):
         return exc

@@ -356,8 +356,6 @@ class _HttpSessions:
             if http is not None:
                 return http
             # It failed (the store down, say): try again ourselves, for our own answer.
-        if session_id in self._sessions:
-            return self._sessions[session_id]
         self._resuming[key] = done = trio.Event()
         try:
             try:

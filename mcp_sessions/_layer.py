@@ -311,9 +311,7 @@ class SessionLayer:
             return await self.supervisor.resolve_handle(handle, connection.principal)
         if modern or connection.session is None or param == "required":
             raise SessionRequired()
-        if connection.handle is not None:
-            # An HTTP session may be served by other processes too: the store decides.
-            return await self.supervisor.resolve_handle(connection.handle, connection.principal)
+        # (An HTTP session's transport checks it against the store before each request.)
         return self.supervisor.get(connection.session.id)
 
     async def _open_connection_session(

@@ -180,22 +180,21 @@ def _sse_result(response: httpx.Response) -> dict[str, Any]:
 ACCEPT = {"accept": "application/json, text/event-stream"}
 
 
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "t", "version": "1"},
+    },
+}
+
+
 async def handshake(http: httpx.AsyncClient, url: str) -> dict[str, str]:
     """Initialize a handshake-era session by hand; return the headers that name it."""
-    init = await http.post(
-        url,
-        headers=ACCEPT,
-        json={
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": "2025-11-25",
-                "capabilities": {},
-                "clientInfo": {"name": "t", "version": "1"},
-            },
-        },
-    )
+    init = await http.post(url, headers=ACCEPT, json=INITIALIZE)
     assert init.status_code == 200, init.text
     headers = ACCEPT | {
         "mcp-session-id": init.headers["mcp-session-id"],

@@ -45,7 +45,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult
 
 from .conftest import E2E_SERVER, PYTHON, ROOT
-from .test_http import ACCEPT, MODES, _sse_result, call, handshake
+from .test_http import ACCEPT, INITIALIZE, MODES, _sse_result, call, handshake
 from .test_server_e2e import error_code, ok
 from .test_store_contract import PG_DSN, drop_pg_schema, pg_schema
 
@@ -452,16 +452,6 @@ async def test_bearer_tokens_bind_handles_and_http_sessions_to_their_principal(
     fleet: Fleet,
 ) -> None:
     url = fleet.auth.url
-    initialize = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-11-25",
-            "capabilities": {},
-            "clientInfo": {"name": "t", "version": "1"},
-        },
-    }
     with trio.fail_after(30):
         async with httpx.AsyncClient() as http:
             for headers in (
@@ -471,7 +461,7 @@ async def test_bearer_tokens_bind_handles_and_http_sessions_to_their_principal(
                 {"authorization": f"Basic {TOKENS['alice']}"},
                 MODERN,
             ):
-                refused = await http.post(url, headers=ACCEPT | headers, json=initialize)
+                refused = await http.post(url, headers=ACCEPT | headers, json=INITIALIZE)
                 assert refused.status_code == 401, (headers, refused.text)
                 assert refused.headers["www-authenticate"] == "Bearer"
                 assert refused.json()["error"]["message"] == "Unauthorized"
