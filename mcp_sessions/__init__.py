@@ -22,8 +22,17 @@ if TYPE_CHECKING:
         ShuttingDown,
         StateTooLarge,
         TooLarge,
+        UpstreamBusy,
+        UpstreamError,
+        UpstreamFailed,
+        UpstreamTimeout,
+        UpstreamUnavailable,
         VersionConflict,
     )
+    from ._gateway import Gateway, GatewayServer, run_gateway, serve_gateway
+    from ._gateway_config import GatewayConfig, GatewayConfigError
+    from ._gateway_config import load_config as load_gateway_config
+    from ._gateway_config import parse_config as parse_gateway_config
     from ._http import load_bearer_tokens, run_http, serve_http
     from ._metrics import HistogramSnapshot, RuntimeStatistics, render_prometheus
     from ._runtime import (
@@ -77,6 +86,10 @@ __all__ = [
     "ClientInfo",
     "CorrelationFilter",
     "Event",
+    "Gateway",
+    "GatewayConfig",
+    "GatewayConfigError",
+    "GatewayServer",
     "HistogramSnapshot",
     "Hooks",
     "InstanceRecord",
@@ -121,16 +134,25 @@ __all__ = [
     "TooLarge",
     "Touch",
     "TransitionEvent",
+    "UpstreamBusy",
+    "UpstreamError",
+    "UpstreamFailed",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
     "VersionConflict",
     "__version__",
     "current_session",
     "default_principal",
     "hash_handle",
     "load_bearer_tokens",
+    "load_gateway_config",
     "open_supervisor",
+    "parse_gateway_config",
     "render_prometheus",
+    "run_gateway",
     "run_http",
     "run_stdio",
+    "serve_gateway",
     "serve_http",
     "serve_stdio",
     "session_context",
@@ -141,6 +163,17 @@ __all__ = [
 #: Where each public name lives. Imported on first use, so that the command
 #: line's admin commands (``status``, ``check``, ...) never load the MCP SDK.
 _LAZY: dict[str, str] = {
+    "Gateway": "_gateway",
+    "GatewayServer": "_gateway",
+    "run_gateway": "_gateway",
+    "serve_gateway": "_gateway",
+    "GatewayConfig": "_gateway_config",
+    "GatewayConfigError": "_gateway_config",
+    "UpstreamBusy": "_errors",
+    "UpstreamError": "_errors",
+    "UpstreamFailed": "_errors",
+    "UpstreamTimeout": "_errors",
+    "UpstreamUnavailable": "_errors",
     "PostgresStore": "_store_pg",
     "ClientInfo": "_runtime",
     "CorrelationFilter": "_server",
@@ -206,7 +239,19 @@ _LAZY: dict[str, str] = {
 }
 
 
+#: Public names that are another module's name for something.
+_ALIASES: dict[str, tuple[str, str]] = {
+    "load_gateway_config": ("_gateway_config", "load_config"),
+    "parse_gateway_config": ("_gateway_config", "parse_config"),
+}
+
+
 def __getattr__(name: str) -> Any:
+    if name in _ALIASES:
+        module_name, attribute = _ALIASES[name]
+        value = getattr(importlib.import_module(f".{module_name}", __name__), attribute)
+        globals()[name] = value
+        return value
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -216,4 +261,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_ALIASES))

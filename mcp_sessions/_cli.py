@@ -109,7 +109,62 @@ def build_parser() -> argparse.ArgumentParser:
         "set with the MCP_SESSIONS_<OPTION> environment variable (e.g. "
         "MCP_SESSIONS_IDLE_TIMEOUT=600).",
     )
-    opt = serve.add_argument
+    _add_serve_options(serve)
+    gateway = commands.add_parser(
+        "gateway",
+        help="run a gateway in front of the MCP servers a config file names",
+        description="Run an MCP server (stdio, or Streamable HTTP) in front of the upstream MCP "
+        'servers named in FILE ({"mcpServers": {...}}, the shape desktop clients use), '
+        "with pooled upstream sessions. Takes serve's options too.",
+    )
+    gateway.add_argument("--config", required=_env("GATEWAY_CONFIG") is None,
+                         default=_env("GATEWAY_CONFIG"), metavar="FILE",
+                         help="the upstream servers (env MCP_SESSIONS_GATEWAY_CONFIG)")  # fmt: skip
+    _add_serve_options(gateway)
+
+    status = commands.add_parser(
+        "status",
+        help="sessions in a store by state and kind, the most recently active, the server "
+        "instances and their leases",
+        description="Show a store's sessions by state and kind, the most recently active, "
+        "the server instances and their leases. Opens the store as a server does: an older "
+        "schema is upgraded (and a missing one created); `check` changes nothing.",
+    )
+    status.add_argument("--store", default=_env("STORE"), help="store URL (as for serve)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    check = commands.add_parser(
+        "check",
+        help="check a store: integrity, schema version, undecodable rows, orphaned sessions "
+        "and lapsed instances",
+        description="Check a store without changing anything in it: the database's integrity "
+        "(SQLite), the schema version, rows that cannot be decoded, live sessions of server "
+        "instances that are gone, and instances whose lease lapsed. Prints one line per "
+        "problem and exits 1 when there is any, 0 when there is none. An older schema is "
+        "reported, not upgraded (`status` or a server upgrades it).",
+    )
+    check.add_argument("--store", default=_env("STORE"), help="store URL (as for serve)")
+    check.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    sessions = commands.add_parser("sessions", help="list or close sessions in a store")
+    sessions_commands = sessions.add_subparsers(dest="action", required=True)
+    listing = sessions_commands.add_parser("list", help="list sessions (public ids, no handles)")
+    listing.add_argument("--store", default=_env("STORE"), help="store URL (as for serve)")
+    listing.add_argument("--principal", help="only this principal's sessions")
+    listing.add_argument("--all", action="store_true", help="include terminated sessions")
+    listing.add_argument("--limit", type=_non_negative_int, default=50,
+                         help="most sessions shown, the most recently active; 0 for all "
+                              "(default 50)")  # fmt: skip
+    listing.add_argument("--json", action="store_true", help="print JSON instead of text")
+    closing = sessions_commands.add_parser("close", help="terminate a session by its public id")
+    closing.add_argument("id", help="the session's public id (s_...)")
+    closing.add_argument("--store", default=_env("STORE"), help="store URL (as for serve)")
+    return parser
+
+
+def _add_serve_options(command: argparse.ArgumentParser) -> None:
+    """The options of ``serve`` (and of ``gateway``, which serves too)."""
+    opt = command.add_argument
     opt("--transport", default=_env("TRANSPORT", "stdio"), choices=("stdio", "http"),
         type=str.lower, help="stdio (default) or http (env MCP_SESSIONS_TRANSPORT)")  # fmt: skip
     opt("--host", default=_env("HOST", "127.0.0.1"),
@@ -159,45 +214,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="log level for stderr (default info)")  # fmt: skip
     opt("--log-format", default=_env("LOG_FORMAT", "text"), choices=_LOG_FORMATS, type=str.lower,
         help="log line format on stderr (default text)")  # fmt: skip
-
-    status = commands.add_parser(
-        "status",
-        help="sessions in a store by state and kind, the most recently active, the server "
-        "instances and their leases",
-        description="Show a store's sessions by state and kind, the most recently active, "
-        "the server instances and their leases. Opens the store as a server does: an older "
-        "schema is upgraded (and a missing one created); `check` changes nothing.",
-    )
-    status.add_argument("--store", default=_env("STORE"), help="store URL (as for serve)")
-    status.add_argument("--json", action="store_true", help="print JSON instead of text")
-
-    check = commands.add_parser(
-        "check",
-        help="check a store: integrity, schema version, undecodable rows, orphaned sessions "
-        "and lapsed instances",
-        description="Check a store without changing anything in it: the database's integrity "
-        "(SQLite), the schema version, rows that cannot be decoded, live sessions of server "
-        "instances that are gone, and instances whose lease lapsed. Prints one line per "
-        "problem and exits 1 when there is any, 0 when there is none. An older schema is "
-        "reported, not upgraded (`status` or a server upgrades it).",
-    )
-    check.add_argument("--store", default=_env("STORE"), help="store URL (as for serve)")
-    check.add_argument("--json", action="store_true", help="print JSON instead of text")
-
-    sessions = commands.add_parser("sessions", help="list or close sessions in a store")
-    sessions_commands = sessions.add_subparsers(dest="action", required=True)
-    listing = sessions_commands.add_parser("list", help="list sessions (public ids, no handles)")
-    listing.add_argument("--store", default=_env("STORE"), help="store URL (as for serve)")
-    listing.add_argument("--principal", help="only this principal's sessions")
-    listing.add_argument("--all", action="store_true", help="include terminated sessions")
-    listing.add_argument("--limit", type=_non_negative_int, default=50,
-                         help="most sessions shown, the most recently active; 0 for all "
-                              "(default 50)")  # fmt: skip
-    listing.add_argument("--json", action="store_true", help="print JSON instead of text")
-    closing = sessions_commands.add_parser("close", help="terminate a session by its public id")
-    closing.add_argument("id", help="the session's public id (s_...)")
-    closing.add_argument("--store", default=_env("STORE"), help="store URL (as for serve)")
-    return parser
 
 
 def _store_url(value: str | None) -> str:
@@ -294,7 +310,7 @@ def main(argv: Sequence[str] | None = None, *, server: Any = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    if args.command != "serve":
+    if args.command not in ("serve", "gateway"):
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         from ._admin import run_admin
 
@@ -304,7 +320,14 @@ def main(argv: Sequence[str] | None = None, *, server: Any = None) -> int:
         _check_environment_choices(args)
         options = _serve_options(args, given)
     except SettingsError as exc:
-        _usage_error("serve", "; ".join(exc.problems))
+        _usage_error(args.command, "; ".join(exc.problems))
+    if args.command == "gateway":
+        from ._gateway_config import GatewayConfigError, load_config
+
+        try:
+            args.gateway_config = load_config(args.config)
+        except GatewayConfigError as exc:
+            _usage_error("gateway", str(exc))
     configure_logging(args.log_level, args.log_format)
     from ._store_url import store_from_url
 
@@ -312,7 +335,7 @@ def main(argv: Sequence[str] | None = None, *, server: Any = None) -> int:
     try:
         store = store_from_url(url)
     except ValueError as exc:
-        _usage_error("serve", f"{_label('--store', given)}: {exc}")
+        _usage_error(args.command, f"{_label('--store', given)}: {exc}")
     if args.store is None and hasattr(store, "create_directory"):
         store.create_directory = True  # only the default state directory is created
     try:
@@ -405,6 +428,24 @@ def _serve_options(args: argparse.Namespace, given: frozenset[str]) -> argparse.
 
 
 def _serve(args: argparse.Namespace, options: argparse.Namespace, store: Any, server: Any) -> None:
+    if args.command == "gateway":
+        from ._gateway import run_gateway
+
+        http = {
+            "host": args.host,
+            "port": options.port,
+            "bearer_tokens": options.tokens,
+            "allow_anonymous": args.allow_anonymous,
+        }
+        run_gateway(
+            args.gateway_config,
+            transport=args.transport,
+            settings=options.settings,
+            store=store,
+            max_message_size=options.max_message_size,
+            **(http if args.transport == "http" else {"principal": args.principal or None}),
+        )
+        return
     if args.transport == "http":
         from ._http import run_http
 

@@ -29,6 +29,11 @@ __all__ = [
     "ShuttingDown",
     "StateTooLarge",
     "TooLarge",
+    "UpstreamBusy",
+    "UpstreamError",
+    "UpstreamFailed",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
     "VersionConflict",
 ]
 
@@ -207,6 +212,45 @@ class SessionSetupFailed(SessionError):
     """The ``setup`` hook failed or timed out; the session ended with reason ``error``."""
 
     code = "session_setup_failed"
+
+
+class UpstreamError(SessionError):
+    """The gateway could not get an answer from an upstream server; ``upstream`` names it."""
+
+    def __init__(self, upstream: str, message: str, *, retry_in: float | None = None) -> None:
+        super().__init__(f"{upstream}: {message}")
+        self.upstream = upstream
+        self.retry_in = retry_in
+
+    def details(self) -> dict[str, Any]:
+        facts: dict[str, Any] = {"upstream": self.upstream}
+        if self.retry_in is not None:
+            facts["retry_in_s"] = round(self.retry_in, 3)
+        return facts
+
+
+class UpstreamBusy(UpstreamError):
+    """Every upstream session is busy and the queue is full, or the call waited past its bound."""
+
+    code = "upstream_busy"
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not answer within ``call_timeout``; the call was cancelled there."""
+
+    code = "upstream_timeout"
+
+
+class UpstreamFailed(UpstreamError):
+    """The upstream died or broke the protocol during the call; that upstream session ended."""
+
+    code = "upstream_error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The upstream cannot be started or reached, or its circuit breaker is open."""
+
+    code = "upstream_unavailable"
 
 
 class SettingsError(ValueError):

@@ -27,7 +27,8 @@ is the only writer of the request context variables in ``_context``; the
 supervisor owns the sessions; the SDK owns the tasks the requests run in.
 
 Which tools declare ``session`` is read from the server's public
-``list_tools()`` into :class:`_SessionParams`, never per call: when serving
+``list_tools()`` into :class:`_SessionParams` (or, if the server has a
+``session_parameter(tool)`` method, from that), never per call: when serving
 starts (:meth:`SessionLayer.refresh_tools`), whenever a client lists the tools
 (``tools/list``), and whenever a call names a tool the map has not seen. The
 SDK does not tell anyone when a tool is added or removed, so:
@@ -112,10 +113,13 @@ class _SessionParams:
         self._by_name: dict[str, tuple[SessionParam | None, bool]] = {}
 
     async def refresh(self) -> None:
+        # A server may say itself which tools take our ``session`` (the gateway
+        # does: an upstream's own ``session`` argument is the upstream's business).
+        declared = getattr(self._server, "session_parameter", None)
+        read = declared if callable(declared) else lambda tool: _session_param(tool.input_schema)
         # One new dict, swapped in whole: a lookup never sees half a map.
         self._by_name = {
-            tool.name: (_session_param(tool.input_schema), is_builtin(tool))
-            for tool in await self._server.list_tools()
+            tool.name: (read(tool), is_builtin(tool)) for tool in await self._server.list_tools()
         }
 
     async def lookup(self, name: object) -> SessionParam | None:

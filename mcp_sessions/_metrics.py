@@ -14,7 +14,7 @@ is rendered from a snapshot, never from the live cells.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType
 
 import attrs
@@ -274,8 +274,10 @@ class _SnapshotCollector(Collector):
         )
 
 
-def render_prometheus(stats: RuntimeStatistics) -> str:
-    """Prometheus text exposition of one statistics snapshot."""
+def render_prometheus(stats: RuntimeStatistics, extra: Iterable[Collector] = ()) -> str:
+    """Prometheus text exposition of one statistics snapshot (and of ``extra`` collectors)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_SnapshotCollector(stats))
+    for collector in extra:
+        registry.register(collector)
     return generate_latest(registry).decode("utf-8")

@@ -69,6 +69,8 @@ class SessionKind(enum.Enum):
     CONNECTION = "connection"
     #: Any era: opened explicitly, referenced by a secret handle.
     HANDLE = "handle"
+    #: The gateway's side: a client session to an upstream server (a child process or a URL).
+    UPSTREAM = "upstream"
 
 
 @attrs.frozen

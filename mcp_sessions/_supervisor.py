@@ -49,6 +49,7 @@ from types import MappingProxyType
 from typing import Any
 
 import trio
+from prometheus_client.registry import Collector
 
 from . import _admission
 from ._clock import RuntimeClock
@@ -182,6 +183,7 @@ class Supervisor:
         self._stopping = False
         self._stopped = trio.Event()
         self._empty: trio.Event | None = None  # set when the registry empties
+        self._collectors: list[Collector] = []
 
     # -- running -------------------------------------------------------------------------
 
@@ -561,8 +563,16 @@ class Supervisor:
         )
 
     def render_prometheus(self) -> str:
-        """Prometheus text exposition of :meth:`statistics`."""
-        return render_prometheus(self.statistics())
+        """Prometheus text exposition of :meth:`statistics`, and of any added collectors."""
+        return render_prometheus(self.statistics(), self._collectors)
+
+    def add_collector(self, collector: Collector) -> None:
+        """Expose a ``prometheus_client`` collector's metrics with the runtime's own.
+
+        They then appear in ``sessions://metrics`` and HTTP's ``/metrics`` (the
+        gateway adds its ``mcp_gateway_*`` metrics this way).
+        """
+        self._collectors.append(collector)
 
     def scan_once(self) -> int:
         """One cleanup tick now: end what is due, purge old tombstones. Returns sessions ended.

@@ -1,0 +1,116 @@
+"""Benchmark: what the gateway costs, as a client meets it (the official client over stdio).
+
+    .venv/bin/python tests/benchmarks/bench_gateway.py [--calls 1000] [--rounds 3]
+
+Two ways to one upstream (``tests/gateway_upstream.py``, its ``echo`` tool), alternated
+round by round so that drift hits both alike:
+
+- ``direct``: the client starts the upstream itself;
+- ``gateway``: the client starts ``mcp-sessions gateway`` with that upstream in its
+  config (default pool: up to 4 upstream sessions, 8 calls each).
+
+Each is measured sequentially (one call at a time) and 50-way concurrent; calls/s of the
+best round and the gateway/direct ratio are printed. Then the latency of one call through
+the gateway on a pooled session against one that must start its upstream (a fresh gateway
+whose pool is empty, ``min`` 0): median of ``--cold`` tries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+from mcp.client.client import Client
+from mcp.client.stdio import StdioServerParameters
+
+ROOT = Path(__file__).resolve().parents[2]
+UPSTREAM = str(ROOT / "tests" / "gateway_upstream.py")
+CONCURRENCY = 50
+
+
+def params(kind: str, config: Path) -> StdioServerParameters:
+    if kind == "direct":
+        return StdioServerParameters(command=sys.executable, args=[UPSTREAM])
+    return StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "mcp_sessions", "gateway", "--config", str(config), "--store", "memory",
+              "--log-level", "warning"],
+    )  # fmt: skip
+
+
+def tool(kind: str) -> str:
+    return "echo" if kind == "direct" else "up__echo"
+
+
+async def measure(kind: str, config: Path, calls: int) -> tuple[float, float]:
+    name = tool(kind)
+    async with Client(params(kind, config), mode="legacy") as client:
+        for _ in range(50):  # warm up (and fill the pool)
+            await client.call_tool(name, {"text": "hi"})
+        start = time.perf_counter()
+        for _ in range(calls):
+            await client.call_tool(name, {"text": "hi"})
+        sequential = calls / (time.perf_counter() - start)
+
+        async def worker(n: int) -> None:
+            for _ in range(n):
+                await client.call_tool(name, {"text": "hi"})
+
+        start = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(CONCURRENCY):
+                nursery.start_soon(worker, calls // CONCURRENCY)
+        concurrent = (calls // CONCURRENCY) * CONCURRENCY / (time.perf_counter() - start)
+    return sequential, concurrent
+
+
+async def latencies(config: Path, tries: int) -> tuple[float, float]:
+    """Median ms of a call that starts the upstream, and of one on a pooled session."""
+    cold: list[float] = []
+    warm: list[float] = []
+    for _ in range(tries):
+        async with Client(params("gateway", config), mode="legacy") as client:
+            start = time.perf_counter()
+            await client.call_tool("up__echo", {"text": "hi"})
+            cold.append(time.perf_counter() - start)
+            for _ in range(20):
+                start = time.perf_counter()
+                await client.call_tool("up__echo", {"text": "hi"})
+                warm.append(time.perf_counter() - start)
+    return statistics.median(cold) * 1000, statistics.median(warm) * 1000
+
+
+async def main(calls: int, rounds: int, cold_tries: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "gateway.json"
+        config.write_text(json.dumps({"mcpServers": {"up": {"command": sys.executable,
+                                                            "args": [UPSTREAM]}}}))  # fmt: skip
+        results: dict[str, list[tuple[float, float]]] = {"direct": [], "gateway": []}
+        for _ in range(rounds):
+            for kind in results:
+                results[kind].append(await measure(kind, config, calls))
+        best = {k: (max(s for s, _ in v), max(c for _, c in v)) for k, v in results.items()}
+        print(f"{'':10} {'sequential':>12} {'50-way':>12}   calls/s, best of {rounds}")
+        for kind, (seq, conc) in best.items():
+            print(f"{kind:10} {seq:12.0f} {conc:12.0f}")
+        ratio_s = best["gateway"][0] / best["direct"][0]
+        ratio_c = best["gateway"][1] / best["direct"][1]
+        print(f"{'ratio':10} {ratio_s:12.2f} {ratio_c:12.2f}   gateway / direct")
+        cold, warm = await latencies(config, cold_tries)
+        print(f"latency through the gateway: {warm:.2f} ms pooled, {cold:.1f} ms when the "
+              f"call starts its upstream (median of {cold_tries})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--calls", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cold", type=int, default=5)
+    args = parser.parse_args()
+    trio.run(main, args.calls, args.rounds, args.cold)

@@ -1,0 +1,393 @@
+"""The gateway end to end: the official client, the gateway in process (over an in-memory
+stdio pair), and real upstream processes (``tests/gateway_upstream.py``, the examples).
+
+Processes, not mocks: every upstream here is a child process the gateway starts, and what
+the tests check about them (reuse, isolation, crash, cleanup) is checked by pid.
+``test_gateway_processes.py`` runs the ``mcp-sessions gateway`` command itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from mcp.client.client import Client
+from mcp_types import CallToolResult, TextResourceContents
+
+from mcp_sessions._breaker import Breaker, BreakerState
+from mcp_sessions._gateway import serve_gateway
+from mcp_sessions._gateway_config import GatewayConfig, parse_config
+
+from ._wire import line_transport
+from .conftest import PYTHON, ROOT
+from .test_server_e2e import error_code, ok
+
+UPSTREAM = str(ROOT / "tests" / "gateway_upstream.py")
+
+
+def config(
+    pool: dict[str, Any] | None = None,
+    breaker: dict[str, Any] | None = None,
+    args: tuple[str, ...] = (),
+    **more: dict[str, Any],
+) -> GatewayConfig:
+    up: dict[str, Any] = {"command": PYTHON, "args": [UPSTREAM, *args]}
+    if pool:
+        up["pool"] = pool
+    if breaker:
+        up["breaker"] = breaker
+    return parse_config({"mcpServers": {"up": up, **more}})
+
+
+@asynccontextmanager
+async def gateway(
+    cfg: GatewayConfig, mode: str = "legacy", **options: Any
+) -> AsyncIterator[Client]:
+    """The official client connected to the gateway for ``cfg``, served in this process."""
+    async with connected(cfg, mode, **options) as (client, _):
+        yield client
+
+
+@asynccontextmanager
+async def connected(
+    cfg: GatewayConfig, mode: str = "legacy", **options: Any
+) -> AsyncIterator[tuple[Client, trio.Nursery]]:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    options.setdefault("principal", "alice")
+
+    async def serve() -> None:
+        await serve_gateway(cfg, stdin=server_stream, stdout=server_stream, **options)
+
+    async with client_stream, server_stream, trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        async with Client(line_transport(client_stream), mode=mode) as client:
+            yield client, nursery
+
+
+async def status(client: Client) -> dict[str, Any]:
+    result = await client.read_resource("gateway://status")
+    item = result.contents[0]
+    assert isinstance(item, TextResourceContents)
+    data: dict[str, Any] = json.loads(item.text)
+    return data
+
+
+async def warm(client: Client, count: int) -> None:
+    """Wait until ``count`` upstream sessions are ready in the pool."""
+    with trio.fail_after(15):
+        while (await status(client))["up"]["sessions"]["idle"] < count:  # noqa: ASYNC110 (polling another process)
+            await trio.sleep(0.05)
+
+
+def text(result: CallToolResult) -> str:
+    assert not result.is_error, result
+    parts = [c.text for c in result.content if getattr(c, "type", None) == "text"]
+    return "".join(parts)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its reaper counts as dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def wait_dead(pid: int, within: float = 10.0) -> None:
+    with trio.fail_after(within):
+        while alive(pid):  # noqa: ASYNC110 (polling another process)
+            await trio.sleep(0.05)
+
+
+# -- aggregation ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
+async def test_upstream_tools_resources_and_prompts_are_served_with_a_prefix(mode: str) -> None:
+    async with gateway(config(), mode) as c:
+        names = {tool.name for tool in (await c.list_tools()).tools}
+        assert {"up__echo", "up__add", "up__crash", "session_open", "session_list"} <= names
+        assert text(await c.call_tool("up__echo", {"text": "hi"})) == "hi"
+        added = await c.call_tool("up__add", {"a": 2, "b": 3})
+        assert text(added) == "5"
+        # An upstream tool error comes back as the upstream said it.
+        failed = await c.call_tool("up__fail", {})
+        assert failed.is_error
+        assert "failed on purpose" in failed.content[0].text  # type: ignore[union-attr]
+        # The built-in session tools stay.
+        assert ok(await c.call_tool("session_open", {}))["session"]
+        resources = {r.name: str(r.uri) for r in (await c.list_resources()).resources}
+        assert resources["up__info"] == "test://info"
+        read = await c.read_resource("test://info")
+        assert isinstance(read.contents[0], TextResourceContents)
+        assert read.contents[0].text == "upstream info"
+        prompts = {p.name for p in (await c.list_prompts()).prompts}
+        assert "up__greet" in prompts
+        prompt = await c.get_prompt("up__greet", {"name": "Ada"})
+        assert "Ada" in str(prompt.messages[0].content)
+
+
+async def test_list_changed_upstream_is_followed() -> None:
+    async with gateway(config()) as c:
+        before = {tool.name for tool in (await c.list_tools()).tools}
+        assert "up__brand_new" not in before
+        await c.call_tool("up__add_tool", {"name": "brand_new"})
+        with trio.fail_after(5):
+            while "up__brand_new" not in {t.name for t in (await c.list_tools()).tools}:  # noqa: ASYNC110 (polling another process)
+                await trio.sleep(0.05)
+        assert text(await c.call_tool("up__brand_new", {})) == "new"
+
+
+# -- the pool ------------------------------------------------------------------------------
+
+
+async def test_a_pooled_session_is_reused_and_is_a_runtime_session() -> None:
+    async with gateway(config()) as c:
+        pids = {text(await c.call_tool("up__pid", {})) for _ in range(5)}
+        assert len(pids) == 1
+        up = (await status(c))["up"]
+        assert up["started"] == 1
+        assert up["sessions"]["idle"] == 1
+        assert up["pids"] == [int(pids.pop())]
+        metrics = await c.read_resource("sessions://metrics")
+        exposition = metrics.contents[0].text  # type: ignore[union-attr]
+        assert 'mcp_gateway_calls_total{upstream="up"}' in exposition
+        assert 'mcp_gateway_upstream_sessions{state="idle",upstream="up"} 1.0' in exposition
+
+
+async def test_calls_beyond_capacity_wait_in_order_and_the_queue_is_bounded() -> None:
+    cfg = config({"min": 2, "max": 2, "concurrency": 1, "queue_max": 1, "queue_timeout": 20})
+    async with gateway(cfg) as c:
+        await warm(c, 2)
+        results: dict[int, CallToolResult] = {}
+
+        async def slow(i: int) -> None:
+            results[i] = await c.call_tool("up__slow", {"seconds": 1.0})
+
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(slow, i)
+                await trio.sleep(0.3)  # let each one take its place
+            # Two run, one waits: the queue is full.
+            busy = await c.call_tool("up__echo", {"text": "x"})
+            assert error_code(busy) == "upstream_busy"
+            up = (await status(c))["up"]
+            assert up["waiting"] == 1
+            assert up["in_use"] == 2
+        assert [text(results[i]) for i in range(3)] == ["done"] * 3
+        assert (await status(c))["up"]["started"] == 2
+
+
+async def test_a_call_that_waits_past_queue_timeout_is_busy() -> None:
+    cfg = config({"max": 1, "concurrency": 1, "queue_timeout": 0.3})
+    async with gateway(cfg) as c, trio.open_nursery() as nursery:
+        nursery.start_soon(c.call_tool, "up__slow", {"seconds": 1.5})
+        await trio.sleep(0.5)
+        started = trio.current_time()
+        busy = await c.call_tool("up__echo", {"text": "x"})
+        assert error_code(busy) == "upstream_busy"
+        assert busy.structured_content["error"]["upstream"] == "up"  # type: ignore[index]
+        assert 0.25 < trio.current_time() - started < 1.0
+
+
+async def test_a_call_past_call_timeout_is_cancelled_and_the_session_serves_on() -> None:
+    async with gateway(config({"call_timeout": 0.5})) as c:
+        pid = text(await c.call_tool("up__pid", {}))
+        timed_out = await c.call_tool("up__hang", {})
+        assert error_code(timed_out) == "upstream_timeout"
+        assert text(await c.call_tool("up__pid", {})) == pid
+        assert (await status(c))["up"]["breaker"] == "closed"
+
+
+async def test_a_crash_mid_call_is_upstream_error_and_the_next_call_gets_a_fresh_session() -> None:
+    async with gateway(config()) as c:
+        first = int(text(await c.call_tool("up__pid", {})))
+        crashed = await c.call_tool("up__crash", {})
+        assert error_code(crashed) == "upstream_error"
+        await wait_dead(first)
+        second = int(text(await c.call_tool("up__pid", {})))
+        assert second != first
+        up = (await status(c))["up"]
+        assert up["started"] == 2
+        assert up["pids"] == [second]
+
+
+async def test_idle_sessions_are_closed_and_min_are_kept_warm() -> None:
+    cfg = config({"min": 1, "max": 3, "concurrency": 1, "idle_timeout": 0.5})
+    async with gateway(cfg) as c:
+        await warm(c, 1)  # before any call
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(c.call_tool, "up__slow", {"seconds": 0.5})
+        up = (await status(c))["up"]
+        assert up["started"] == 2
+        extra = list(up["pids"])
+        await trio.sleep(1.5)  # past idle_timeout: back to min, the warm one stays
+        up = (await status(c))["up"]
+        assert len(up["pids"]) == 1
+        assert up["sessions"]["idle"] == 1
+        for pid in set(extra) - set(up["pids"]):
+            await wait_dead(pid)
+
+
+# -- isolation -----------------------------------------------------------------------------
+
+
+async def test_session_isolation_gives_each_downstream_session_its_own_upstream() -> None:
+    cfg = config({"isolation": "session", "max": 4})
+    async with gateway(cfg) as a, gateway(cfg) as b:
+        # Handshake era: each connection session has its own upstream session.
+        tools = {t.name: t for t in (await a.list_tools()).tools}
+        assert "session" in tools["up__remember"].input_schema["properties"]
+        await a.call_tool("up__remember", {"key": "k", "value": "alice's"})
+        assert text(await a.call_tool("up__recall", {"key": "k"})) == "alice's"
+        assert text(await b.call_tool("up__recall", {"key": "k"})) == ""
+        pid_a = int(text(await a.call_tool("up__pid", {})))
+        assert int(text(await b.call_tool("up__pid", {}))) != pid_a
+
+
+async def test_an_isolated_upstream_session_ends_with_its_downstream_session() -> None:
+    cfg = config({"isolation": "session"})
+    async with gateway(cfg, "2026-07-28") as c:
+        # Modern era: state goes through handles.
+        h1 = ok(await c.call_tool("session_open", {}))["session"]
+        h2 = ok(await c.call_tool("session_open", {}))["session"]
+        await c.call_tool("up__remember", {"key": "k", "value": "one", "session": h1})
+        assert text(await c.call_tool("up__recall", {"key": "k", "session": h1})) == "one"
+        assert text(await c.call_tool("up__recall", {"key": "k", "session": h2})) == ""
+        pid = int(text(await c.call_tool("up__pid", {"session": h1})))
+        needs = await c.call_tool("up__pid", {})
+        assert error_code(needs) == "session_required"
+        ok(await c.call_tool("session_close", {"session": h1}))
+        await wait_dead(pid)
+        gone = await c.call_tool("up__pid", {"session": h1})
+        assert error_code(gone) == "session_closed"
+
+
+# -- failures and the breaker --------------------------------------------------------------
+
+
+async def test_the_breaker_opens_fails_fast_then_probes_and_closes(tmp_path: Path) -> None:
+    flag = tmp_path / "fail"
+    flag.touch()
+    cfg = config(
+        breaker={"failures": 2, "window": 30, "cooldown": 1.0, "backoff_base": 0.05,
+                 "backoff_max": 0.1},
+        args=("--fail-start-if", str(flag)),
+    )  # fmt: skip
+    async with gateway(cfg) as c:
+        for _ in range(2):
+            failed = await c.call_tool("up__echo", {"text": "x"})
+            assert error_code(failed) == "upstream_unavailable"
+            await trio.sleep(0.15)  # past the backoff
+        up = (await status(c))["up"]
+        assert up["breaker"] == "open"
+        started = up["started"]
+        fast = await c.call_tool("up__echo", {"text": "x"})
+        assert error_code(fast) == "upstream_unavailable"
+        assert "circuit breaker open" in fast.structured_content["error"]["message"]  # type: ignore[index]
+        assert (await status(c))["up"]["started"] == started  # nothing spawned
+        flag.unlink()
+        await trio.sleep(1.1)  # the cooldown: the next call is the probe
+        assert (await status(c))["up"]["breaker"] == "half_open"
+        assert text(await c.call_tool("up__echo", {"text": "back"})) == "back"
+        assert (await status(c))["up"]["breaker"] == "closed"
+
+
+async def test_an_upstream_that_cannot_run_is_unavailable() -> None:
+    cfg = parse_config({"mcpServers": {"up": {"command": "/nonexistent/mcp-server"}}})
+    async with gateway(cfg) as c:
+        failed = await c.call_tool("up__anything", {})
+        assert error_code(failed) == "upstream_unavailable"
+        assert "cannot run it" in failed.structured_content["error"]["message"]  # type: ignore[index]
+        # Listing leaves the broken upstream out instead of failing.
+        names = {t.name for t in (await c.list_tools()).tools}
+        assert "session_open" in names
+
+
+async def test_breaker_states_on_a_mock_clock(autojump_clock: trio.testing.MockClock) -> None:
+    breaker = Breaker(failures=3, window=10, cooldown=30)
+    for _ in range(2):
+        breaker.record_failure(trio.current_time())
+        await trio.sleep(6)
+    breaker.record_failure(trio.current_time())  # the first fell out of the window
+    assert breaker.state(trio.current_time()) is BreakerState.CLOSED
+    breaker.record_failure(trio.current_time())
+    assert breaker.state(trio.current_time()) is BreakerState.OPEN
+    assert not breaker.allow(trio.current_time())
+    await trio.sleep(30)
+    assert breaker.state(trio.current_time()) is BreakerState.HALF_OPEN
+    assert breaker.allow(trio.current_time())  # the probe
+    assert not breaker.allow(trio.current_time())  # only one
+    breaker.record_failure(trio.current_time())
+    assert breaker.state(trio.current_time()) is BreakerState.OPEN
+    await trio.sleep(30)
+    assert breaker.allow(trio.current_time())
+    breaker.record_success(trio.current_time())
+    assert breaker.state(trio.current_time()) is BreakerState.CLOSED
+
+
+async def test_the_gateway_over_streamable_http() -> None:
+    async with trio.open_nursery() as nursery:
+        urls = await nursery.start(
+            partial(serve_gateway, config(), transport="http", port=0, handle_signals=False)
+        )
+        async with Client(urls[0] + "/mcp", mode="2026-07-28") as c:
+            assert text(await c.call_tool("up__echo", {"text": "over http"})) == "over http"
+            handle = ok(await c.call_tool("session_open", {}))["session"]
+            assert ok(await c.call_tool("session_info", {"session": handle}))["state"]
+        nursery.cancel_scope.cancel()
+
+
+# -- upstreams of other kinds --------------------------------------------------------------
+
+
+async def test_the_examples_as_upstreams() -> None:
+    cfg = parse_config(
+        {
+            "mcpServers": {
+                "notes": {"command": PYTHON, "args": [str(ROOT / "examples" / "notes_server.py")]}
+            }
+        }
+    )
+    async with gateway(cfg) as c:
+        names = {t.name for t in (await c.list_tools()).tools}
+        assert any(name.startswith("notes__") for name in names), names
+
+
+async def test_an_http_upstream(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    env = {**os.environ, "MCP_SESSIONS_STORE": "memory"}
+    with log.open("wb") as err:
+        process = await trio.lowlevel.open_process(
+            [PYTHON, "-m", "mcp_sessions", "serve", "--transport", "http", "--port", "0"],
+            stdin=subprocess.DEVNULL, stderr=err, env=env,
+        )  # fmt: skip
+    try:
+        with trio.fail_after(20):
+            while "/mcp" not in log.read_text():  # noqa: ASYNC110 (polling another process)
+                await trio.sleep(0.05)
+        found = re.search(r"http://\S+/mcp", log.read_text())
+        assert found is not None
+        cfg = parse_config({"mcpServers": {"remote": {"url": found.group(0)}}})
+        async with gateway(cfg) as c:
+            # The upstream's own 'session' argument is the upstream's: passed through.
+            handle = ok(await c.call_tool("remote__session_open", {}))["session"]
+            info = ok(await c.call_tool("remote__session_info", {"session": handle}))
+            assert info["state"] in ("idle", "active")
+            assert (await status(c))["remote"]["transport"] == "http"
+    finally:
+        process.terminate()
+        with trio.move_on_after(10):
+            await process.wait()
