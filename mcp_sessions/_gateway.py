@@ -111,9 +111,8 @@ class GatewayMetrics:
             registry=registry,
         )
         registry.register(_StateCollector(gateway))
-        for name in gateway.pools:
-            self.calls.labels(name)
-            self.waiting.labels(name)
+        for pool in gateway.pools.values():
+            pool.bind_metrics(self)
 
 
 class _StateCollector:

@@ -55,7 +55,7 @@ class PoolConfig:
     #: How long an upstream may take to start and connect.
     start_timeout: float = 30.0
     #: Calls at once on one upstream session.
-    concurrency: int = 8
+    concurrency: int = 32
     #: A pooled session idle this long is pinged before it is reused.
     ping_after: float = 30.0
 

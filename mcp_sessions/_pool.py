@@ -78,7 +78,7 @@ from ._upstream import UpstreamProcess, http_upstream, stdio_upstream
 if TYPE_CHECKING:
     from mcp.client.session import IncomingMessage
 
-    from ._gateway import Gateway
+    from ._gateway import Gateway, GatewayMetrics
 
 __all__ = ["Member", "Pool"]
 
@@ -144,12 +144,21 @@ class Pool:
         #: Listings, dropped when the upstream says they changed.
         self.listings: dict[str, Any] = {}
 
+    def bind_metrics(self, metrics: GatewayMetrics) -> None:
+        """Take this upstream's series of the gateway's metrics (looked up once, not per call)."""
+        self._metrics = metrics
+        self._calls = metrics.calls.labels(self.name)
+        self._waiting = metrics.waiting.labels(self.name)
+        self._wait_seconds = metrics.wait_seconds.labels(self.name)
+
+    def _error(self, exc: SessionError) -> None:
+        self._metrics.errors.labels(self.name, exc.code).inc()
+
     # -- calls ---------------------------------------------------------------------------
 
     async def call(self, fn: Callable[[Client], Awaitable[T]], *, owner: str | None = None) -> T:
         """Run ``fn(client)`` on a member; raise the ``upstream_*`` error that says why not."""
-        metrics = self.gateway.metrics
-        metrics.calls.labels(self.name).inc()
+        self._calls.inc()
         now = trio.current_time()
         if not self.breaker.allow(now):
             error: SessionError = UpstreamUnavailable(
@@ -157,7 +166,7 @@ class Pool:
                 f"circuit breaker open after repeated failures ({self.last_error or 'no detail'})",
                 retry_in=self.breaker.retry_in(now),
             )
-            metrics.errors.labels(self.name, error.code).inc()
+            self._error(error)
             raise error
         outcome: bool | None = None  # True: answered; False: failed; None: neither
         try:
@@ -170,10 +179,10 @@ class Pool:
             return result
         except (UpstreamUnavailable, UpstreamFailed, UpstreamTimeout) as exc:
             outcome = False
-            metrics.errors.labels(self.name, exc.code).inc()
+            self._error(exc)
             raise
         except SessionError as exc:
-            metrics.errors.labels(self.name, exc.code).inc()
+            self._error(exc)
             raise
         except MCPError:  # the upstream answered, with a protocol error: its answer
             outcome = True
@@ -232,8 +241,7 @@ class Pool:
             raise self._cannot_start()
         waiter = _Waiter()
         self._waiters.append(waiter)
-        metrics = self.gateway.metrics
-        metrics.waiting.labels(self.name).inc()
+        self._waiting.inc()
         start = trio.current_time()
         try:
             with trio.move_on_after(self.config.pool.queue_timeout):
@@ -243,8 +251,8 @@ class Pool:
                 self._release(waiter.member)
             raise
         finally:
-            metrics.waiting.labels(self.name).dec()
-            metrics.wait_seconds.labels(self.name).observe(trio.current_time() - start)
+            self._waiting.dec()
+            self._wait_seconds.observe(trio.current_time() - start)
             if not waiter.woken.is_set():
                 self._waiters.remove(waiter)
         if waiter.member is not None:

@@ -7,7 +7,7 @@ round by round so that drift hits both alike:
 
 - ``direct``: the client starts the upstream itself;
 - ``gateway``: the client starts ``mcp-sessions gateway`` with that upstream in its
-  config (default pool: up to 4 upstream sessions, 8 calls each).
+  config (the default pool, or ``--pool '{"max": 1}'``).
 
 Each is measured sequentially (one call at a time) and 50-way concurrent; calls/s of the
 best round and the gateway/direct ratio are printed. Then the latency of one call through
@@ -86,11 +86,11 @@ async def latencies(config: Path, tries: int) -> tuple[float, float]:
     return statistics.median(cold) * 1000, statistics.median(warm) * 1000
 
 
-async def main(calls: int, rounds: int, cold_tries: int) -> None:
+async def main(calls: int, rounds: int, cold_tries: int, pool: dict[str, object]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "gateway.json"
-        config.write_text(json.dumps({"mcpServers": {"up": {"command": sys.executable,
-                                                            "args": [UPSTREAM]}}}))  # fmt: skip
+        upstream = {"command": sys.executable, "args": [UPSTREAM], "pool": pool}
+        config.write_text(json.dumps({"mcpServers": {"up": upstream}}))
         results: dict[str, list[tuple[float, float]]] = {"direct": [], "gateway": []}
         for _ in range(rounds):
             for kind in results:
@@ -112,5 +112,6 @@ if __name__ == "__main__":
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cold", type=int, default=5)
+    parser.add_argument("--pool", type=json.loads, default={}, help="e.g. '{\"max\": 1}'")
     args = parser.parse_args()
-    trio.run(main, args.calls, args.rounds, args.cold)
+    trio.run(main, args.calls, args.rounds, args.cold, args.pool)
