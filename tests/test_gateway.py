@@ -167,25 +167,33 @@ async def test_a_pooled_session_is_reused_and_is_a_runtime_session() -> None:
 
 
 async def test_calls_beyond_capacity_wait_in_order_and_the_queue_is_bounded() -> None:
-    cfg = config({"min": 2, "max": 2, "concurrency": 1, "queue_max": 1, "queue_timeout": 20})
+    cfg = config({"min": 2, "max": 2, "concurrency": 1, "queue_max": 2, "queue_timeout": 20})
     async with gateway(cfg) as c:
         await warm(c, 2)
-        results: dict[int, CallToolResult] = {}
+        finished: dict[int, float] = {}
 
-        async def slow(i: int) -> None:
-            results[i] = await c.call_tool("up__slow", {"seconds": 1.0})
+        async def slow(i: int, seconds: float) -> None:
+            assert text(await c.call_tool("up__slow", {"seconds": seconds})) == "done"
+            finished[i] = trio.current_time()
+
+        async def until(in_use: int, waiting: int) -> None:
+            with trio.fail_after(10):
+                while True:
+                    up = (await status(c))["up"]
+                    if (up["in_use"], up["waiting"]) == (in_use, waiting):
+                        return
+                    await trio.sleep(0.02)
 
         async with trio.open_nursery() as nursery:
-            for i in range(3):
-                nursery.start_soon(slow, i)
-                await trio.sleep(0.3)  # let each one take its place
-            # Two run, one waits: the queue is full.
+            # Two run (1 s and 2 s), two wait; the first to wait takes the first free one.
+            for i, (seconds, in_use, waiting) in enumerate([(1, 1, 0), (2, 2, 0), (1, 2, 1),
+                                                            (1, 2, 2)]):  # fmt: skip
+                nursery.start_soon(slow, i, seconds)
+                await until(in_use, waiting)
             busy = await c.call_tool("up__echo", {"text": "x"})
-            assert error_code(busy) == "upstream_busy"
-            up = (await status(c))["up"]
-            assert up["waiting"] == 1
-            assert up["in_use"] == 2
-        assert [text(results[i]) for i in range(3)] == ["done"] * 3
+            assert error_code(busy) == "upstream_busy"  # the queue is full
+        assert finished[2] < finished[3]
+        assert finished[3] - finished[2] > 0.5
         assert (await status(c))["up"]["started"] == 2
 
 
