@@ -145,8 +145,10 @@ class _StateCollector:
 class Gateway:
     """The pools of every upstream, and the supervisor of their sessions."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, *, hooks: Hooks | None = None) -> None:
+        """``hooks``: the runtime's hooks (setup, teardown, observers) for upstream sessions."""
         self.config = config
+        self.hooks = hooks
         self.pools: dict[str, Pool] = {u.name: Pool(self, u) for u in config.upstreams}
         self.metrics = GatewayMetrics(self)
         self._supervisor: Supervisor | None = None
@@ -174,7 +176,10 @@ class Gateway:
             teardown_timeout=60.0,
             shutdown_grace=shutdown_grace,
         )
-        async with open_supervisor(settings) as supervisor, trio.open_nursery() as nursery:
+        async with (
+            open_supervisor(settings, hooks=self.hooks) as supervisor,
+            trio.open_nursery() as nursery,
+        ):
             self._supervisor, self._nursery = supervisor, nursery
             for pool in self.pools.values():
                 nursery.start_soon(pool.upkeep, name=f"gateway upkeep {pool.name}")

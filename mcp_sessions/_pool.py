@@ -87,7 +87,7 @@ logger = logging.getLogger("mcp_sessions.gateway")
 T = TypeVar("T")
 #: The runtime's idle timeout for members: never (the pool's upkeep decides, keeping ``min``).
 _FOREVER = 364 * 24 * 3600.0
-#: The longest a ping before reuse may take.
+#: The longest a ping before reuse may take (``call_timeout`` if shorter).
 _PING_TIMEOUT = 5.0
 
 
@@ -289,7 +289,7 @@ class Pool:
         client = member.client
         assert client is not None
         try:
-            with trio.fail_after(_PING_TIMEOUT):
+            with trio.fail_after(min(_PING_TIMEOUT, self.config.pool.call_timeout)):
                 if client.protocol_version in MODERN_PROTOCOL_VERSIONS:
                     await client.session.send_discover(client.protocol_version)
                 else:
@@ -329,7 +329,8 @@ class Pool:
             waiter.member = member
             waiter.woken.set()
         if self._waiters:
-            self._grow()
+            if not self._capped:  # (at the cap, only a new call tries again: no spinning)
+                self._grow()
             if not self._starting() and not any(m.usable for m in self.members):
                 error = self._cannot_start()
                 while self._waiters:

@@ -8,9 +8,11 @@ the tests check about them (reuse, isolation, crash, cleanup) is checked by pid.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -247,6 +249,42 @@ async def test_idle_sessions_are_closed_and_min_are_kept_warm() -> None:
         assert up["sessions"]["idle"] == 1
         for pid in set(extra) - set(up["pids"]):
             await wait_dead(pid)
+
+
+async def test_a_hung_idle_session_fails_its_ping_and_is_replaced() -> None:
+    async with gateway(config({"ping_after": 0.2, "call_timeout": 1})) as c:
+        first = int(text(await c.call_tool("up__pid", {})))
+        os.kill(first, signal.SIGSTOP)  # alive, but answers nothing
+        try:
+            await trio.sleep(0.3)
+            second = int(text(await c.call_tool("up__pid", {})))
+            assert second != first
+            await wait_dead(first)  # its group was stopped (SIGKILL reaches a stopped process)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(first, signal.SIGKILL)
+
+
+async def test_the_cap_on_child_processes_evicts_an_idle_session_of_another_upstream() -> None:
+    both = {
+        "a": {"command": PYTHON, "args": [UPSTREAM]},
+        "b": {"command": PYTHON, "args": [UPSTREAM]},
+    }
+    cfg = parse_config({"mcpServers": both, "gateway": {"max_processes": 1}})
+    async with gateway(cfg) as c:
+        a = int(text(await c.call_tool("a__pid", {})))
+        b = int(text(await c.call_tool("b__pid", {})))  # a's idle session made room
+        await wait_dead(a)
+        s = await status(c)
+        assert s["a"]["pids"] == []
+        assert s["b"]["pids"] == [b]
+        async with trio.open_nursery() as nursery:  # b busy: a has no room, and waits
+            nursery.start_soon(c.call_tool, "b__slow", {"seconds": 1.0})
+            await trio.sleep(0.3)
+
+            refused = await c.call_tool("a__pid", {})
+            assert error_code(refused) == "upstream_busy"
+            assert "cap of 1 child processes" in refused.structured_content["error"]["message"]  # type: ignore[index]
 
 
 # -- isolation -----------------------------------------------------------------------------
