@@ -154,6 +154,7 @@ class Gateway:
         self._supervisor: Supervisor | None = None
         self._nursery: trio.Nursery | None = None
         self._bound: set[tuple[str, str]] = set()
+        self._reserved = 0
         self.stopping = False
 
     @property
@@ -196,28 +197,36 @@ class Gateway:
         if self._nursery is not None and not self.stopping:
             self._nursery.start_soon(fn, *args)
 
-    async def room_for(self, pool: Pool) -> bool:
-        """Whether ``pool`` may start one more member under the cap on child processes.
-
-        HTTP upstreams are not processes. At the cap, the longest-idle shared
-        member of any pool is ended (``evicted``) to make room.
-        """
+    def reserve(self, pool: Pool, *, evict: bool) -> bool:
+        """Reserve room for one more of ``pool``'s members under the cap on child processes
+        (HTTP upstreams are not processes); release it with :meth:`release` once the member
+        is counted. At the cap, with ``evict``, the longest-idle shared member of any pool is
+        ended (``evicted``) to make room."""
         if self.stopping:
             return False
         if not pool.config.is_stdio:
             return True
-        live = sum(
-            1 for p in self.pools.values() if p.config.is_stdio for m in p.members if m.session.live
+        live = self._reserved + sum(
+            1
+            for p in self.pools.values()
+            if p.config.is_stdio
+            for m in p.members
+            if m.session.live
         )
-        if live < self.config.max_processes:
-            return True
-        idle = [m for p in self.pools.values() if p.config.is_stdio
-                if (m := p.evictable()) is not None]  # fmt: skip
-        if not idle:
-            return False
-        victim = min(idle, key=lambda m: m.last_used)
-        self.supervisor.terminate(victim.session, TerminationReason.EVICTED)
+        if live >= self.config.max_processes:
+            idle = [m for p in self.pools.values() if p.config.is_stdio
+                    if (m := p.evictable()) is not None]  # fmt: skip
+            if not evict or not idle:
+                return False
+            victim = min(idle, key=lambda m: m.last_used)
+            self.supervisor.terminate(victim.session, TerminationReason.EVICTED)
+        self._reserved += 1
         return True
+
+    def release(self, pool: Pool) -> None:
+        """Give back what :meth:`reserve` took."""
+        if pool.config.is_stdio:
+            self._reserved -= 1
 
     def bind(self, pool: Pool) -> str:
         """The calling tool's downstream session id; its end ends the upstream session.
@@ -398,6 +407,7 @@ class GatewayServer(MCPServer[Any]):
         cached = pool.listings.get(kind)
         if cached is not None:
             return list(cached)
+        generation = pool.generations.get(kind, 0)
         try:
             items = await pool.call(partial(_list_all, kind))
         except (UpstreamError, MCPError) as exc:
@@ -405,7 +415,8 @@ class GatewayServer(MCPServer[Any]):
                 logger.warning("upstream %s: cannot list its %s: %s", pool.name, kind, exc)
                 return []
             items = []
-        pool.listings[kind] = items
+        if pool.generations.get(kind, 0) == generation:  # no change announced meanwhile
+            pool.listings[kind] = items
         return list(items)
 
 

@@ -137,10 +137,10 @@ def parse_config(data: object) -> GatewayConfig:
 
 def _upstream(name: str, entry: object) -> UpstreamConfig | None:
     where = f"mcpServers.{name}"
-    if not _NAME.fullmatch(name) or "__" in name:
+    if not _NAME.fullmatch(name) or "__" in name or name.endswith("_"):
         raise GatewayConfigError(
             f"{where}: a server name is 1-64 letters, digits, '-' or '_', without '__' "
-            "(tools are named <server>__<tool>)"
+            "and not ending in '_' (tools are named <server>__<tool>)"
         )
     fields = _object(entry, where)
     _known(fields, _SERVER_FIELDS | _IGNORED, where)

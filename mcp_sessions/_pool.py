@@ -129,6 +129,8 @@ class Pool:
         self.name = config.name
         self.members: list[Member] = []
         self._owned: dict[str, Member] = {}
+        #: Owners whose member is being started (their other calls wait for it).
+        self._owning: dict[str, trio.Event] = {}
         self._waiters: collections.deque[_Waiter] = collections.deque()
         #: Members asked for whose session does not exist yet.
         self._creating = 0
@@ -136,6 +138,8 @@ class Pool:
         self.breaker = Breaker(failures=b.failures, window=b.window, cooldown=b.cooldown)
         self._backoff = Backoff(base=b.backoff_base, cap=b.backoff_max)
         self._next_start = -math.inf
+        #: The upkeep's own restarts wait for this (a member that died backs it off).
+        self._upkeep_after = -math.inf
         self._capped = False
         self._changed = trio.Event()
         self.restarts = 0
@@ -143,6 +147,8 @@ class Pool:
         self.last_error: str | None = None
         #: Listings, dropped when the upstream says they changed.
         self.listings: dict[str, Any] = {}
+        #: Bumped on each change, so a listing that raced a change is not kept.
+        self.generations: dict[str, int] = {}
 
     def bind_metrics(self, metrics: GatewayMetrics) -> None:
         """Take this upstream's series of the gateway's metrics (looked up once, not per call)."""
@@ -168,7 +174,9 @@ class Pool:
             )
             self._error(error)
             raise error
-        outcome: bool | None = None  # True: answered; False: failed; None: neither
+        # True: answered; False: failed (a timeout: each is its own failure); None: neither
+        # (a death or a failed start is one failure, counted once where it happens).
+        outcome: bool | None = None
         try:
             member = await self._acquire(owner)
             try:
@@ -176,9 +184,13 @@ class Pool:
             finally:
                 self._release(member)
             outcome = True
+            self._backoff.reset()  # it served a call: it is up
             return result
-        except (UpstreamUnavailable, UpstreamFailed, UpstreamTimeout) as exc:
+        except UpstreamTimeout as exc:
             outcome = False
+            self._error(exc)
+            raise
+        except (UpstreamUnavailable, UpstreamFailed) as exc:
             self._error(exc)
             raise
         except SessionError as exc:
@@ -221,7 +233,12 @@ class Pool:
     async def _acquire(self, owner: str | None) -> Member:
         while True:
             member = await self._choose(owner)
-            if await self._fresh(member):
+            try:
+                fresh = await self._fresh(member)
+            except BaseException:
+                self._release(member)
+                raise
+            if fresh:
                 return member
             self._release(member)
 
@@ -263,18 +280,34 @@ class Pool:
                            "(queue_timeout) for an upstream session")  # fmt: skip
 
     async def _owned_member(self, owner: str) -> Member:
-        member = self._owned.get(owner)
-        if member is None or not member.session.live:
-            if self._live_count() >= self.config.pool.max:
+        while True:
+            member = self._owned.get(owner)
+            if member is not None and member.session.live:
+                break
+            starting = self._owning.get(owner)
+            if starting is not None:  # another call of this session starts it: wait for it
+                await starting.wait()
+                member = self._owned.get(owner)
+                if member is None:
+                    raise self._cannot_start()
+                continue
+            owned = sum(1 for m in self.members if m.owner is not None and m.session.live)
+            if owned + len(self._owning) >= self.config.pool.max:
                 raise UpstreamBusy(self.name, f"all {self.config.pool.max} upstream sessions "
                                    "are bound to other sessions")  # fmt: skip
             if trio.current_time() < self._next_start:
                 raise self._cannot_start()
-            self._creating += 1
-            member = await self._start(owner, False)
-            if member is None:
-                raise self._cannot_start()
-            self._owned[owner] = member
+            self._owning[owner] = done = trio.Event()
+            try:
+                self._creating += 1
+                started = await self._start(owner, False)
+                if started is None:
+                    raise self._cannot_start()
+                self._owned[owner] = member = started
+            finally:
+                del self._owning[owner]
+                done.set()
+            break
         await member.ready.wait()
         if not member.usable:
             raise UpstreamUnavailable(self.name, member.error or "the upstream did not start")
@@ -373,9 +406,15 @@ class Pool:
         self.gateway.start_soon(self._start, None, False)
 
     def _fail(self, member: Member, why: str) -> None:
+        """A member died or broke: end it; one failure for the breaker, and the upkeep
+        waits a backoff before it replaces it (a call may start a new one at once)."""
         if member.error is None:
             member.error = why
             self.last_error = why
+            self.restarts += 1
+            now = trio.current_time()
+            self.breaker.record_failure(now)
+            self._upkeep_after = now + self._backoff.next_delay()
             logger.warning("upstream %s: session %s ended: %s", self.name, member.session.id,
                            why)  # fmt: skip
         self.gateway.supervisor.terminate(member.session, TerminationReason.ERROR)
@@ -383,14 +422,15 @@ class Pool:
     async def _start(self, owner: str | None, warm: bool) -> Member | None:
         """Start a member; return it once its task runs (not yet ready), or None if refused.
 
-        The caller has counted it in ``_creating`` already.
+        The caller has counted it in ``_creating``; this uncounts it, whatever happens
+        (a cancelled caller too). A warm start (nobody waiting) never evicts another.
         """
-        self._capped = not await self.gateway.room_for(self)
-        if self._capped:
-            self._creating -= 1
-            self._dispatch()
-            return None
+        creating = True
+        reserved = self.gateway.reserve(self, evict=not warm)  # before any await: no race
         try:
+            self._capped = not reserved
+            if not reserved:
+                return None
             session = await self.gateway.supervisor.create_session(
                 kind=SessionKind.UPSTREAM,
                 principal=f"upstream:{self.name}",
@@ -398,26 +438,33 @@ class Pool:
                 idle_timeout=_FOREVER,  # the pool ends idle members itself (see upkeep)
                 ready=False,
             )
-        except SessionError as exc:
+            process = UpstreamProcess(self.config.command or "") if self.config.is_stdio else None
+            member = Member(session=session, owner=owner, warm=warm, process=process,
+                            last_used=trio.current_time())  # fmt: skip
+            self.members.append(member)  # counted as live from here on
             self._creating -= 1
+            creating = False
+            self.gateway.release(self)
+            reserved = False
+            self.started += 1
+            try:
+                self.gateway.supervisor.start_background(
+                    session, self._connect, member, name=f"upstream {self.name} {session.id}"
+                )
+            except SessionError:  # ended already (the gateway is stopping)
+                member.ready.set()
+                self._forget(member)
+                return None
+            return member
+        except SessionError as exc:
             self.last_error = exc.message
-            self._dispatch()
             return None
-        process = UpstreamProcess(self.config.command or "") if self.config.is_stdio else None
-        member = Member(session=session, owner=owner, warm=warm, process=process,
-                        last_used=trio.current_time())  # fmt: skip
-        self._creating -= 1
-        self.members.append(member)
-        self.started += 1
-        try:
-            self.gateway.supervisor.start_background(
-                session, self._connect, member, name=f"upstream {self.name} {session.id}"
-            )
-        except SessionError:  # ended already (the gateway is stopping)
-            member.ready.set()
-            self._forget(member)
-            return None
-        return member
+        finally:
+            if reserved:
+                self.gateway.release(self)
+            if creating:
+                self._creating -= 1
+                self._dispatch()
 
     def _transport(self, member: Member) -> AbstractAsyncContextManager[Any]:
         config = self.config
@@ -488,8 +535,7 @@ class Pool:
         self.last_error = f"start failed: {why}"
         logger.warning("upstream %s did not start: %s; next try not before %.1f s",
                        self.name, why, delay)  # fmt: skip
-        if member.warm:  # nobody's call will report it
-            self.breaker.record_failure(trio.current_time())
+        self.breaker.record_failure(trio.current_time())  # once, whoever waited for it
         self.gateway.supervisor.terminate(member.session, TerminationReason.ERROR)
         if not any(m.usable for m in self.members):
             # The calls waiting for it hear now; none of them starts another.
@@ -507,6 +553,11 @@ class Pool:
             del self._owned[member.owner]
         self._dispatch()
 
+    def changed(self, kind: str) -> None:
+        """The upstream's ``kind`` (tools, resources, prompts) changed: list it afresh."""
+        self.listings.pop(kind, None)
+        self.generations[kind] = self.generations.get(kind, 0) + 1
+
     async def _listen(self, client: Client) -> None:
         """2026-07-28: list changes come on a ``subscriptions/listen`` stream."""
         kinds = {ToolsListChanged: "tools", PromptsListChanged: "prompts",
@@ -519,7 +570,7 @@ class Pool:
                     kind = kinds.get(type(event))
                     if kind is not None:
                         logger.info("upstream %s: %s changed", self.name, kind)
-                        self.listings.pop(kind, None)
+                        self.changed(kind)
         except (MCPError, SubscriptionLost, ListenNotSupportedError, TimeoutError) as exc:
             # Listings are then kept until this session ends (a new one lists afresh).
             logger.info("upstream %s: no list-change events (%s)", self.name, exc)
@@ -529,7 +580,7 @@ class Pool:
         if isinstance(method, str) and method.endswith("/list_changed"):
             kind = method.split("/")[1]  # tools, resources, prompts
             logger.info("upstream %s: %s changed", self.name, kind)
-            self.listings.pop(kind, None)
+            self.changed(kind)
         await trio.lowlevel.checkpoint()
 
     # -- ownership and upkeep ------------------------------------------------------------
@@ -562,7 +613,7 @@ class Pool:
                     self.gateway.supervisor.terminate(
                         member.session, TerminationReason.IDLE_TIMEOUT
                     )
-            due = self._next_start - now
+            due = max(self._next_start, self._upkeep_after) - now
             if (
                 self._live_count() < pool.min
                 and not self._starting()
@@ -570,8 +621,9 @@ class Pool:
                 and self.breaker.state(now) is BreakerState.CLOSED
             ):
                 self._creating += 1
-                await self._start(None, True)
-                continue
+                if await self._start(None, True) is not None:
+                    continue
+                due = 1.0  # no room (the process cap): look again later, or when woken
             # Look again when the oldest idle member is due, a backoff or a cooldown
             # ends, or a member ends or is released.
             wake = [1.0]

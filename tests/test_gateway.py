@@ -200,10 +200,13 @@ async def test_calls_beyond_capacity_wait_in_order_and_the_queue_is_bounded() ->
 
 
 async def test_a_call_that_waits_past_queue_timeout_is_busy() -> None:
-    cfg = config({"max": 1, "concurrency": 1, "queue_timeout": 0.3})
+    cfg = config({"min": 1, "max": 1, "concurrency": 1, "queue_timeout": 0.3})
     async with gateway(cfg) as c, trio.open_nursery() as nursery:
+        await warm(c, 1)
         nursery.start_soon(c.call_tool, "up__slow", {"seconds": 1.5})
-        await trio.sleep(0.5)
+        with trio.fail_after(10):
+            while (await status(c))["up"]["in_use"] < 1:  # noqa: ASYNC110 (another process)
+                await trio.sleep(0.02)
         started = trio.current_time()
         busy = await c.call_tool("up__echo", {"text": "x"})
         assert error_code(busy) == "upstream_busy"

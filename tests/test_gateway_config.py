@@ -114,6 +114,7 @@ def _with(path: str, value: Any) -> dict[str, Any]:
         (_with("mcpServers.notes.env", {"A": 1}),
          "mcpServers.notes.env.A: must be a string, got a number"),
         (_with("mcpServers.a__b", {"command": "x"}), "mcpServers.a__b: a server name is"),
+        (_with("mcpServers.up_", {"command": "x"}), "mcpServers.up_: a server name is"),
         (_with("gateway.max_processes", 0),
          "gateway.max_processes: must be a whole number >= 1, got 0"),
     ],
