@@ -131,6 +131,8 @@ class Pool:
         self._owned: dict[str, Member] = {}
         #: Owners whose member is being started (their other calls wait for it).
         self._owning: dict[str, trio.Event] = {}
+        #: Owners that ended while their member was being started.
+        self._orphaned: set[str] = set()
         self._waiters: collections.deque[_Waiter] = collections.deque()
         #: Members asked for whose session does not exist yet.
         self._creating = 0
@@ -303,9 +305,13 @@ class Pool:
                 started = await self._start(owner, False)
                 if started is None:
                     raise self._cannot_start()
+                if owner in self._orphaned:  # its session ended while this one started
+                    self.gateway.supervisor.terminate(started.session, TerminationReason.CLOSED)
+                    raise UpstreamUnavailable(self.name, "the session it was for has ended")
                 self._owned[owner] = member = started
             finally:
                 del self._owning[owner]
+                self._orphaned.discard(owner)
                 done.set()
             break
         await member.ready.wait()
@@ -587,6 +593,8 @@ class Pool:
 
     def end_owner(self, owner: str) -> None:
         """The downstream session ``owner`` ended: so does its upstream session."""
+        if owner in self._owning:
+            self._orphaned.add(owner)
         member = self._owned.pop(owner, None)
         if member is not None:
             self.gateway.supervisor.terminate(member.session, TerminationReason.CLOSED)

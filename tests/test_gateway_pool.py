@@ -5,6 +5,7 @@ the next call is served, nothing is left running, nothing spins."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import trio
 from mcp.client.client import Client
 
-from mcp_sessions import Gateway, UpstreamBusy, parse_gateway_config
+from mcp_sessions import Gateway, UpstreamBusy, UpstreamError, parse_gateway_config
 
 from .conftest import PYTHON, ROOT
 from .test_gateway import UPSTREAM, alive, config, gateway, status, text
@@ -155,3 +156,20 @@ async def test_an_upstream_that_keeps_dying_is_not_redialled_in_a_loop() -> None
         up_status = gw.pools["up"].status()
         assert up_status["started"] == 3  # each death backs off; the third opens the breaker
         assert up_status["breaker"] == "open"
+
+
+async def test_a_session_that_ends_while_its_upstream_starts_leaves_no_upstream() -> None:
+    async with Gateway(config({"isolation": "session"})).running() as gw:
+        pool = gw.pools["up"]
+        async with trio.open_nursery() as nursery:
+
+            async def call() -> None:
+                with contextlib.suppress(UpstreamError):
+                    await pool.call(pid, owner="gone")
+
+            nursery.start_soon(call)
+            await trio.sleep(0.05)  # its upstream is starting
+            pool.end_owner("gone")  # the downstream session ends
+        with trio.fail_after(10):
+            while pool.status()["pids"]:  # noqa: ASYNC110 (another process)
+                await trio.sleep(0.05)
