@@ -19,10 +19,11 @@ A call (:meth:`Pool.call`) goes:
 1. the breaker: open means ``upstream_unavailable`` at once, nothing spawned;
    after the cooldown exactly one call goes through as the probe;
 2. a member: shared isolation takes the least busy ready member with room
-   (``concurrency`` calls each); if none has room, a new member is started in
-   the background when the pool is below ``max`` (and the restart backoff and
-   the gateway's process cap allow), and the call waits in a FIFO queue of at
-   most ``queue_max`` for ``queue_timeout`` (``upstream_busy`` otherwise).
+   (``concurrency`` calls each); if none has room, the call waits in a FIFO
+   queue of at most ``queue_max`` for ``queue_timeout`` (``upstream_busy``
+   otherwise), and a new member is started in the background when the pool is
+   below ``max`` (and the restart backoff and the gateway's process cap allow):
+   at once if none is up, else only if calls still wait ``_GROW_AFTER`` later.
    Session isolation takes the member bound to the caller's downstream
    session, starting it on first use; it ends when that session ends;
 3. a member idle for ``ping_after`` is pinged first; a failed ping ends it
@@ -87,6 +88,8 @@ logger = logging.getLogger("mcp_sessions.gateway")
 T = TypeVar("T")
 #: The runtime's idle timeout for members: never (the pool's upkeep decides, keeping ``min``).
 _FOREVER = 364 * 24 * 3600.0
+#: How long calls must keep waiting for busy members before another member is started.
+_GROW_AFTER = 0.1
 #: The longest a ping before reuse may take (``call_timeout`` if shorter).
 _PING_TIMEOUT = 5.0
 
@@ -143,6 +146,7 @@ class Pool:
         #: The upkeep's own restarts wait for this (a member that died backs it off).
         self._upkeep_after = -math.inf
         self._capped = False
+        self._growing = False
         self._changed = trio.Event()
         self.restarts = 0
         self.started = 0
@@ -408,8 +412,26 @@ class Pool:
             return
         if self._live_count() >= self.config.pool.max or trio.current_time() < self._next_start:
             return
+        if any(m.usable for m in self.members):
+            # Busy members free up within milliseconds for quick tools: add a process
+            # only if the queue is still there a moment later (more processes than
+            # cores only slow everyone down).
+            if not self._growing:
+                self._growing = True
+                self.gateway.start_soon(self._grow_later)
+            return
         self._creating += 1  # counted now: the next call sees it coming
         self.gateway.start_soon(self._start, None, False)
+
+    async def _grow_later(self) -> None:
+        try:
+            await trio.sleep(_GROW_AFTER)
+        finally:
+            self._growing = False
+        if self._waiters and self._least_busy() is None and not self.gateway.stopping:
+            if self._live_count() < self.config.pool.max and not self._starting():
+                self._creating += 1
+                await self._start(None, False)
 
     def _fail(self, member: Member, why: str) -> None:
         """A member died or broke: end it; one failure for the breaker, and the upkeep

@@ -199,6 +199,20 @@ async def test_calls_beyond_capacity_wait_in_order_and_the_queue_is_bounded() ->
         assert (await status(c))["up"]["started"] == 2
 
 
+async def test_the_pool_grows_when_calls_keep_waiting_and_not_before() -> None:
+    async with gateway(config({"max": 3, "concurrency": 1})) as c:
+        assert text(await c.call_tool("up__echo", {"text": "cold"})) == "cold"
+        for _ in range(3):  # one at a time: one session does
+            assert text(await c.call_tool("up__echo", {"text": "x"})) == "x"
+        assert (await status(c))["up"]["started"] == 1
+        async with trio.open_nursery() as nursery:  # two at once, for a while: a second
+            for _ in range(2):
+                nursery.start_soon(c.call_tool, "up__slow", {"seconds": 2.0})
+        up = (await status(c))["up"]
+        assert up["started"] == 2
+        assert len(up["pids"]) == 2
+
+
 async def test_a_call_that_waits_past_queue_timeout_is_busy() -> None:
     cfg = config({"min": 1, "max": 1, "concurrency": 1, "queue_timeout": 0.3})
     async with gateway(cfg) as c, trio.open_nursery() as nursery:
