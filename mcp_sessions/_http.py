@@ -61,6 +61,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.runner import serve_connection, serve_loop
 from mcp.server.streamable_http import MCP_SESSION_ID_HEADER, StreamableHTTPServerTransport
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.server.subscriptions import ListenHandler
 from mcp.server.transport_security import RequestBodyLimitMiddleware, TransportSecuritySettings
 from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
 from mcp.shared.transport_context import TransportContext
@@ -224,6 +225,7 @@ class _HttpSessions:
         self._sessions: dict[str, _HttpSession] = {}
         self._resuming: dict[tuple[str, str], trio.Event] = {}
         self._nursery: trio.Nursery | None = None
+        self._draining = False
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -238,9 +240,20 @@ class _HttpSessions:
                         await http.transport.terminate()
                 nursery.cancel_scope.cancel()
 
+    def drain(self) -> None:
+        """End every session's GET stream (it only waits for server messages: nothing is
+        lost, the client listens again elsewhere) and refuse new ones, so that only
+        requests being answered hold the server's graceful shutdown."""
+        self._draining = True
+        for http in list(self._sessions.values()):
+            http.transport.close_standalone_sse_stream()
+
     async def handle(
         self, principal: str, shared: bool, scope: Scope, receive: Receive, send: Send
     ) -> None:
+        if self._draining and scope["method"] == "GET":
+            await _json_error(send, 503, INTERNAL_ERROR, "Server is shutting down")
+            return
         session_id = Request(scope).headers.get(MCP_SESSION_ID_HEADER)
         if session_id is None:
             await self._open(principal, shared, scope, receive, send)
@@ -515,6 +528,7 @@ class HttpApp:
             return
         if scope["type"] != "http":
             return
+        send = _last_body_shielded(send)
         path = scope["path"]
         if path == MCP_PATH or path == MCP_PATH + "/":
             await self._mcp(scope, receive, send)
@@ -550,6 +564,27 @@ class HttpApp:
                 await self._modern.handle_request(scope, receive, send)
             return
         await self._sessions.handle(principal, self.principals.anonymous, scope, receive, send)
+
+
+def _last_body_shielded(send: Send) -> Send:
+    """``send`` that delivers a response's last body message shielded from cancellation.
+
+    anycorn arms a connection's keep-alive timer (which also closes the idle connection
+    when a graceful shutdown starts) from inside that ``send``, in the caller's task.
+    The SDK's handlers cancel their own task group as the response ends (their
+    disconnect watchers see the stream close): the timer's start was cancelled with
+    it, and the idle connection then held a draining server for its whole grace.
+    anycorn shields its socket writes already, so this waits no longer than before.
+    """
+
+    async def sending(message: Any) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            with trio.CancelScope(shield=True):
+                await send(message)
+        else:
+            await send(message)
+
+    return sending
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
@@ -761,6 +796,7 @@ async def _serve_app(
         async with sessions.running(), trio.open_nursery() as nursery:
             if options.handle_signals:
                 await nursery.start(_stop_on_signal, stopping, abort)
+            nursery.start_soon(_end_listen_streams, stopping, server, sessions)
             serving = partial(anycorn.serve, cast(Any, app), config, shutdown_trigger=stopping.wait)
             async with trio.open_nursery() as server_nursery:
                 urls: list[str] = await server_nursery.start(serving)
@@ -768,6 +804,20 @@ async def _serve_app(
                     url + MCP_PATH for url in urls))  # fmt: skip
                 task_status.started(urls)
             nursery.cancel_scope.cancel()
+
+
+async def _end_listen_streams(
+    stopping: trio.Event, server: MCPServer[Any], sessions: _HttpSessions
+) -> None:
+    """Once draining, end the streams that only listen: a handshake-era session's GET
+    stream and 2026-07-28 ``subscriptions/listen`` streams (each gets its graceful
+    final frame). They answer no call, and anycorn's graceful shutdown would wait for
+    them to the end of the grace."""
+    await stopping.wait()
+    sessions.drain()
+    entry = _lowlevel(server).get_request_handler("subscriptions/listen")
+    if entry is not None and isinstance(entry.handler, ListenHandler):
+        entry.handler.close()
 
 
 def modern_lifespan_state(manager: StreamableHTTPSessionManager) -> Any:
