@@ -33,6 +33,23 @@ matters). The application routes by path:
   and sessions are admitted, else 503, with the health document),
   ``/metrics`` (the Prometheus text of ``sessions://metrics``).
 
+Draining (the first SIGINT/SIGTERM under :func:`run_http`): anycorn stops
+accepting, closes idle keep-alive connections and gives the requests it is
+serving ``shutdown_grace`` seconds (``graceful_timeout``), closing each
+connection once its response is out. It cannot tell a call in flight from a
+stream that only listens, so those we end ourselves
+(:func:`_end_listen_streams`): each handshake-era session's GET stream (the
+SDK's ``close_standalone_sse_stream``; a new GET is then 503) and the
+2026-07-28 ``subscriptions/listen`` streams (the SDK's ``ListenHandler.close``:
+the client hears a graceful end). A response's last body message is sent
+shielded (:func:`_last_body_shielded`): anycorn arms a connection's keep-alive
+timer inside that ``send``, and the SDK's handlers cancel their own task group
+as the response ends, which left the connection idle without a timer, held
+open until the grace ran out. So with no call in flight the process exits at
+once; with calls in flight, once they are answered. Then the HTTP sessions'
+transports stop and the supervisor shuts the sessions down (kept in a durable
+store, to be resumed). A second signal cancels everything at once.
+
 Who owns what: :func:`serve_http` owns the supervisor (unless given one), the
 HTTP sessions' nursery and the ASGI server; each HTTP session's loop task
 owns its transport; the supervisor owns the sessions.
@@ -702,8 +719,10 @@ async def serve_http(
     unless ``allow_anonymous``. ``task_status.started`` gets the bound URLs.
 
     With ``handle_signals``, SIGINT or SIGTERM drains: no new connections,
-    requests in flight get ``shutdown_grace`` seconds, then sessions shut
-    down and this returns. Cancelling it stops at once.
+    requests in flight get ``shutdown_grace`` seconds to be answered, idle
+    connections and streams that only listen (GET, ``subscriptions/listen``)
+    end at once, then sessions shut down and this returns. A second signal,
+    or cancelling it, stops at once.
     """
     if isinstance(bearer_tokens, str | Path):
         bearer_tokens = load_bearer_tokens(bearer_tokens)
