@@ -545,7 +545,8 @@ class HttpApp:
             return
         if scope["type"] != "http":
             return
-        send = _last_body_shielded(send)
+        if scope.get("http_version", "1.1") in ("1.0", "1.1"):
+            send = _last_body_shielded(send)
         path = scope["path"]
         if path == MCP_PATH or path == MCP_PATH + "/":
             await self._mcp(scope, receive, send)
@@ -591,7 +592,9 @@ def _last_body_shielded(send: Send) -> Send:
     The SDK's handlers cancel their own task group as the response ends (their
     disconnect watchers see the stream close): the timer's start was cancelled with
     it, and the idle connection then held a draining server for its whole grace.
-    anycorn shields its socket writes already, so this waits no longer than before.
+    Only for HTTP/1.x: there anycorn shields its socket writes already, so this waits
+    no longer than before; an HTTP/2 send can wait for the peer's flow-control
+    window, which must stay cancellable (a second signal stops at once).
     """
 
     async def sending(message: Any) -> None:
