@@ -41,7 +41,7 @@ stream that only listens, so those we end ourselves
 (:func:`_end_listen_streams`): each handshake-era session's GET stream (the
 SDK's ``close_standalone_sse_stream``; a new GET is then 503) and the
 2026-07-28 ``subscriptions/listen`` streams (the SDK's ``ListenHandler.close``:
-the client hears a graceful end). A response's last body message is sent
+the client hears a graceful end). A response's last body message (HTTP/1.x) is sent
 shielded (:func:`_last_body_shielded`): anycorn arms a connection's keep-alive
 timer inside that ``send``, and the SDK's handlers cancel their own task group
 as the response ends, which left the connection idle without a timer, held
