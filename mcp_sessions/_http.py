@@ -33,6 +33,23 @@ matters). The application routes by path:
   and sessions are admitted, else 503, with the health document),
   ``/metrics`` (the Prometheus text of ``sessions://metrics``).
 
+Draining (the first SIGINT/SIGTERM under :func:`run_http`): anycorn stops
+accepting, closes idle keep-alive connections and gives the requests it is
+serving ``shutdown_grace`` seconds (``graceful_timeout``), closing each
+connection once its response is out. It cannot tell a call in flight from a
+stream that only listens, so those we end ourselves
+(:func:`_end_listen_streams`): each handshake-era session's GET stream (the
+SDK's ``close_standalone_sse_stream``; a new GET is then 503) and the
+2026-07-28 ``subscriptions/listen`` streams (the SDK's ``ListenHandler.close``:
+the client hears a graceful end). A response's last body message (HTTP/1.x) is sent
+shielded (:func:`_last_body_shielded`): anycorn arms a connection's keep-alive
+timer inside that ``send``, and the SDK's handlers cancel their own task group
+as the response ends, which left the connection idle without a timer, held
+open until the grace ran out. So with no call in flight the process exits at
+once; with calls in flight, once they are answered. Then the HTTP sessions'
+transports stop and the supervisor shuts the sessions down (kept in a durable
+store, to be resumed). A second signal cancels everything at once.
+
 Who owns what: :func:`serve_http` owns the supervisor (unless given one), the
 HTTP sessions' nursery and the ASGI server; each HTTP session's loop task
 owns its transport; the supervisor owns the sessions.
@@ -61,6 +78,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.runner import serve_connection, serve_loop
 from mcp.server.streamable_http import MCP_SESSION_ID_HEADER, StreamableHTTPServerTransport
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.server.subscriptions import ListenHandler
 from mcp.server.transport_security import RequestBodyLimitMiddleware, TransportSecuritySettings
 from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
 from mcp.shared.transport_context import TransportContext
@@ -224,6 +242,7 @@ class _HttpSessions:
         self._sessions: dict[str, _HttpSession] = {}
         self._resuming: dict[tuple[str, str], trio.Event] = {}
         self._nursery: trio.Nursery | None = None
+        self._draining = False
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -238,9 +257,20 @@ class _HttpSessions:
                         await http.transport.terminate()
                 nursery.cancel_scope.cancel()
 
+    def drain(self) -> None:
+        """End every session's GET stream (it only waits for server messages: nothing is
+        lost, the client listens again elsewhere) and refuse new ones, so that only
+        requests being answered hold the server's graceful shutdown."""
+        self._draining = True
+        for http in list(self._sessions.values()):
+            http.transport.close_standalone_sse_stream()
+
     async def handle(
         self, principal: str, shared: bool, scope: Scope, receive: Receive, send: Send
     ) -> None:
+        if self._draining and scope["method"] == "GET":
+            await _json_error(send, 503, INTERNAL_ERROR, "Server is shutting down")
+            return
         session_id = Request(scope).headers.get(MCP_SESSION_ID_HEADER)
         if session_id is None:
             await self._open(principal, shared, scope, receive, send)
@@ -515,6 +545,8 @@ class HttpApp:
             return
         if scope["type"] != "http":
             return
+        if scope.get("http_version", "1.1") in ("1.0", "1.1"):
+            send = _last_body_shielded(send)
         path = scope["path"]
         if path == MCP_PATH or path == MCP_PATH + "/":
             await self._mcp(scope, receive, send)
@@ -550,6 +582,29 @@ class HttpApp:
                 await self._modern.handle_request(scope, receive, send)
             return
         await self._sessions.handle(principal, self.principals.anonymous, scope, receive, send)
+
+
+def _last_body_shielded(send: Send) -> Send:
+    """``send`` that delivers a response's last body message shielded from cancellation.
+
+    anycorn arms a connection's keep-alive timer (which also closes the idle connection
+    when a graceful shutdown starts) from inside that ``send``, in the caller's task.
+    The SDK's handlers cancel their own task group as the response ends (their
+    disconnect watchers see the stream close): the timer's start was cancelled with
+    it, and the idle connection then held a draining server for its whole grace.
+    Only for HTTP/1.x: there anycorn shields its socket writes already, so this waits
+    no longer than before; an HTTP/2 send can wait for the peer's flow-control
+    window, which must stay cancellable (a second signal stops at once).
+    """
+
+    async def sending(message: Any) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            with trio.CancelScope(shield=True):
+                await send(message)
+        else:
+            await send(message)
+
+    return sending
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
@@ -667,8 +722,10 @@ async def serve_http(
     unless ``allow_anonymous``. ``task_status.started`` gets the bound URLs.
 
     With ``handle_signals``, SIGINT or SIGTERM drains: no new connections,
-    requests in flight get ``shutdown_grace`` seconds, then sessions shut
-    down and this returns. Cancelling it stops at once.
+    requests in flight get ``shutdown_grace`` seconds to be answered, idle
+    connections and streams that only listen (GET, ``subscriptions/listen``)
+    end at once, then sessions shut down and this returns. A second signal,
+    or cancelling it, stops at once.
     """
     if isinstance(bearer_tokens, str | Path):
         bearer_tokens = load_bearer_tokens(bearer_tokens)
@@ -761,6 +818,7 @@ async def _serve_app(
         async with sessions.running(), trio.open_nursery() as nursery:
             if options.handle_signals:
                 await nursery.start(_stop_on_signal, stopping, abort)
+            nursery.start_soon(_end_listen_streams, stopping, server, sessions)
             serving = partial(anycorn.serve, cast(Any, app), config, shutdown_trigger=stopping.wait)
             async with trio.open_nursery() as server_nursery:
                 urls: list[str] = await server_nursery.start(serving)
@@ -768,6 +826,20 @@ async def _serve_app(
                     url + MCP_PATH for url in urls))  # fmt: skip
                 task_status.started(urls)
             nursery.cancel_scope.cancel()
+
+
+async def _end_listen_streams(
+    stopping: trio.Event, server: MCPServer[Any], sessions: _HttpSessions
+) -> None:
+    """Once draining, end the streams that only listen: a handshake-era session's GET
+    stream and 2026-07-28 ``subscriptions/listen`` streams (each gets its graceful
+    final frame). They answer no call, and anycorn's graceful shutdown would wait for
+    them to the end of the grace."""
+    await stopping.wait()
+    sessions.drain()
+    entry = _lowlevel(server).get_request_handler("subscriptions/listen")
+    if entry is not None and isinstance(entry.handler, ListenHandler):
+        entry.handler.close()
 
 
 def modern_lifespan_state(manager: StreamableHTTPSessionManager) -> Any:

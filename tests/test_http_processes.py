@@ -16,8 +16,11 @@ here the point is the command, its options, separate processes and signals:
   DELETE ends it everywhere;
 - ``--bearer-tokens``: no or a wrong token is 401; a handle or an ``Mcp-Session-Id`` of one
   principal is nothing to another;
-- SIGTERM with calls in flight (both eras): they are answered, the process exits 0 within its
-  ``--shutdown-grace`` and never writes to stdout;
+- SIGTERM with calls in flight (both eras): they are answered, the process exits 0 soon after
+  (its clients still connected), well within its ``--shutdown-grace``, and never writes to
+  stdout; SIGTERM with idle clients connected (keep-alive connections of both eras, a
+  handshake-era session's GET stream, a ``subscriptions/listen`` stream): the process exits 0
+  at once, not after its grace, and ends the listen stream gracefully;
 - bad input: a body that is not JSON is 400 with JSON-RPC -32700, a body past
   ``--max-message-size`` is 413, and the process serves on (the session it named too).
 """
@@ -69,6 +72,8 @@ MAX_MESSAGE_SIZE = 64 * 1024
 PER_PRINCIPAL = 3  # the bearer-token server's --max-sessions-per-principal
 GRACE = 5.0  # the drain server's --shutdown-grace
 SLOW = 1.5  # seconds the calls in flight at SIGTERM still need
+IDLE_GRACE = 10.0  # the idle server's --shutdown-grace (with nothing in flight, unused)
+EXIT_SOON = 3.0  # seconds a process takes to exit at SIGTERM with no call in flight, at most
 TOKENS = {"alice": "tok-alice", "bob": "tok-bob", "carol": "tok-carol"}
 MODERN = {"mcp-protocol-version": "2026-07-28"}
 
@@ -97,6 +102,7 @@ class Fleet:
     c: Served
     auth: Served  # the built-in server with --bearer-tokens
     drain: Served  # tests/e2e_server.py (a slow tool), for SIGTERM
+    idle: Served  # tests/e2e_server.py, for SIGTERM with idle clients
     store: str
 
     @property
@@ -182,12 +188,18 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                 directory,
                 stack,
             )
+            idle = _spawn(
+                "idle",
+                [E2E_SERVER, "serve", "--store", "memory", "--shutdown-grace", str(IDLE_GRACE)],
+                directory,
+                stack,
+            )
             deadline = time.monotonic() + 30
-            for served in (a, b, c, auth, drain):
+            for served in (a, b, c, auth, drain, idle):
                 _wait_ready(served, deadline)
-            yield Fleet(a, b, c, auth, drain, store)
+            yield Fleet(a, b, c, auth, drain, idle, store)
         # Stopped (SIGTERM): each exited 0, wrote nothing to stdout and logged no error.
-        for served in (a, b, c, auth, drain):
+        for served in (a, b, c, auth, drain, idle):
             log = served.log_text()
             assert served.process.returncode == 0, (served.name, log)
             assert served.out.read_bytes() == b"", served.name
@@ -541,7 +553,14 @@ async def test_the_per_principal_limit_refuses_an_open_past_it(fleet: Fleet) -> 
             assert error_code(await c.call_tool("session_open", {})) == "limit_exceeded"
 
 
-# -- SIGTERM with calls in flight --------------------------------------------------------------
+# -- SIGTERM --------------------------------------------------------------------------------------
+
+
+async def _exited(served: Served) -> float:
+    """Wait for ``served`` to exit; return when (trio's clock)."""
+    while served.process.poll() is None:  # noqa: ASYNC110 (a Popen, not a trio process)
+        await trio.sleep(0.02)
+    return trio.current_time()
 
 
 async def test_sigterm_answers_the_calls_in_flight_then_exits_0(fleet: Fleet) -> None:
@@ -549,6 +568,7 @@ async def test_sigterm_answers_the_calls_in_flight_then_exits_0(fleet: Fleet) ->
     modes = ("legacy", "2026-07-28")
     progressed = {mode: trio.Event() for mode in modes}
     results: dict[str, CallToolResult] = {}
+    exited = trio.Event()
 
     async def slow(mode: str) -> None:
         async def on_progress(progress: float, total: float | None, message: str | None) -> None:
@@ -563,6 +583,9 @@ async def test_sigterm_answers_the_calls_in_flight_then_exits_0(fleet: Fleet) ->
             results[mode] = await client.call_tool(
                 "slow", {"seconds": SLOW}, progress_callback=on_progress
             )
+            # Still connected (a legacy client's GET stream open) until the server is gone:
+            # that does not hold its drain.
+            await exited.wait()
 
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
@@ -582,17 +605,70 @@ async def test_sigterm_answers_the_calls_in_flight_then_exits_0(fleet: Fleet) ->
                 await trio.sleep(0.02)
             assert drain.process.poll() is None
             assert not results
+            took = await _exited(drain) - signalled
+            exited.set()
         for mode in modes:
             result = results[mode]
             assert not result.is_error, (mode, result)
             assert _content(result)[0]["text"] == "done", (mode, result)
-        while drain.process.poll() is None:  # noqa: ASYNC110 (a Popen, not a trio process)
-            await trio.sleep(0.02)
-        took = trio.current_time() - signalled
     assert drain.process.returncode == 0, drain.log_text()
-    assert took < GRACE, took
+    # Once the calls are answered, not at the end of the grace.
+    assert took < min(SLOW + EXIT_SOON, GRACE), took
     assert "SIGTERM: draining" in drain.log_text()
     assert drain.out.read_bytes() == b""  # stdout carries nothing
+
+
+async def test_sigterm_with_idle_clients_connected_exits_0_at_once(fleet: Fleet) -> None:
+    served = fleet.idle
+    url = served.url
+    ready = {name: trio.Event() for name in ("legacy", "2026-07-28", "GET")}
+    exited = trio.Event()
+    ended: list[str] = []
+
+    async def connected(mode: str) -> None:
+        transport = streamable_http_client(url, terminate_on_close=False)
+        async with Client(transport, mode=mode) as client:
+            # An answered call: the client's connection now idles, kept alive.
+            assert ok(await client.call_tool("session_open", {}))["session"]
+            if mode == "2026-07-28":
+                async with client.listen(tools_list_changed=True) as subscription:
+                    ready[mode].set()
+                    async for _ in subscription:
+                        pass
+                # The server ended it gracefully (an abrupt drop raises SubscriptionLost).
+                ended.append("listen")
+            else:
+                ready[mode].set()
+            await exited.wait()
+
+    async def get_stream() -> None:
+        """A handshake-era session's GET stream, by hand: known to be open."""
+        async with httpx.AsyncClient(timeout=2 * IDLE_GRACE) as http:
+            headers = await handshake(http, url)
+            sse = headers | {"accept": "text/event-stream"}
+            async with http.stream("GET", url, headers=sse) as response:
+                assert response.status_code == 200
+                ready["GET"].set()
+                async for _ in response.aiter_bytes():
+                    pass
+            ended.append("GET")
+            await exited.wait()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connected, "legacy")
+            nursery.start_soon(connected, "2026-07-28")
+            nursery.start_soon(get_stream)
+            for event in ready.values():
+                await event.wait()
+            signalled = trio.current_time()
+            served.process.send_signal(signal.SIGTERM)
+            took = await _exited(served) - signalled
+            exited.set()
+    assert served.process.returncode == 0, served.log_text()
+    assert took < EXIT_SOON < IDLE_GRACE, took
+    assert sorted(ended) == ["GET", "listen"]
+    assert "SIGTERM: draining" in served.log_text()
 
 
 # -- bad input ---------------------------------------------------------------------------------
