@@ -207,11 +207,7 @@ class Gateway:
         if not pool.config.is_stdio:
             return True
         live = self._reserved + sum(
-            1
-            for p in self.pools.values()
-            if p.config.is_stdio
-            for m in p.members
-            if m.session.live
+            1 for p in self.pools.values() if p.config.is_stdio for m in p.members if m.session.live
         )
         if live >= self.config.max_processes:
             idle = [m for p in self.pools.values() if p.config.is_stdio

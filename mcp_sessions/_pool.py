@@ -428,10 +428,15 @@ class Pool:
             await trio.sleep(_GROW_AFTER)
         finally:
             self._growing = False
-        if self._waiters and self._least_busy() is None and not self.gateway.stopping:
-            if self._live_count() < self.config.pool.max and not self._starting():
-                self._creating += 1
-                await self._start(None, False)
+        still_waiting = self._waiters and self._least_busy() is None
+        if (
+            still_waiting
+            and not self.gateway.stopping
+            and self._live_count() < self.config.pool.max
+            and not self._starting()
+        ):
+            self._creating += 1
+            await self._start(None, False)
 
     def _fail(self, member: Member, why: str) -> None:
         """A member died or broke: end it; one failure for the breaker, and the upkeep
