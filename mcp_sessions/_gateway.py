@@ -46,6 +46,7 @@ import copy
 import json
 import logging
 import signal
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -54,9 +55,17 @@ from typing import Any, Literal, TypeVar
 import trio
 from mcp.client.client import Client
 from mcp.server.lowlevel.helper_types import ReadResourceContents
+from mcp.server.lowlevel.server import NotificationOptions
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.resources import FunctionResource
+from mcp.server.subscriptions import InMemorySubscriptionBus
 from mcp.shared.exceptions import MCPError
+from mcp.shared.subscriptions import (
+    PromptsListChanged,
+    ResourcesListChanged,
+    ServerEvent,
+    ToolsListChanged,
+)
 from mcp_types import (
     INTERNAL_ERROR,
     BlobResourceContents,
@@ -64,6 +73,7 @@ from mcp_types import (
     GetPromptResult,
     Tool,
 )
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
@@ -155,6 +165,8 @@ class Gateway:
         self._nursery: trio.Nursery | None = None
         self._bound: set[tuple[str, str]] = set()
         self._reserved = 0
+        #: Called with "tools", "resources" or "prompts" when an upstream's list changes.
+        self.on_change: list[Callable[[str], None]] = []
         self.stopping = False
 
     @property
@@ -191,6 +203,11 @@ class Gateway:
                 nursery.cancel_scope.cancel()
                 with trio.CancelScope(shield=True):
                     await supervisor.shutdown()
+
+    def announce(self, kind: str) -> None:
+        """An upstream's ``kind`` list changed: tell whoever listens (the server)."""
+        for listener in self.on_change:
+            listener(kind)
 
     def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         """Run ``fn(*args)`` in the gateway's nursery (member starts requested by calls)."""
@@ -270,9 +287,16 @@ class GatewayServer(MCPServer[Any]):
             "Session tools: open a session with session_open and pass its handle as "
             "'session'.",
         )
+        # Our own bus (the SDK's public seam): upstream changes go out on it to the
+        # 2026-07-28 clients' subscriptions/listen streams.
+        self._bus = InMemorySubscriptionBus()
+        kwargs.setdefault("subscriptions", self._bus)
         super().__init__(name, **kwargs)
         self.gateway = gateway
         self._routes: dict[str, Pool] = {}
+        #: Handshake-era client connections seen, told of changes by notification.
+        self._connections: weakref.WeakSet[Any] = weakref.WeakSet()
+        gateway.on_change.append(self._changed)
         self.add_resource(
             FunctionResource.from_function(
                 self._status,
@@ -283,8 +307,41 @@ class GatewayServer(MCPServer[Any]):
             )
         )
 
+    #: Handshake-era clients hear of list changes (which the upstreams' cause).
+    notification_options = NotificationOptions(
+        prompts_changed=True, resources_changed=True, tools_changed=True
+    )
+
     async def _status(self) -> str:
         return json.dumps(self.gateway.status(), sort_keys=True)
+
+    def _seen(self, context: Context[Any, Any] | None) -> None:
+        """Remember a handshake-era client's connection, to tell it of list changes."""
+        if context is None or context.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            return
+        with contextlib.suppress(ValueError):  # (no request context)
+            self._connections.add(context.session)
+
+    def _changed(self, kind: str) -> None:
+        self.gateway.start_soon(self._tell, kind)
+
+    async def _tell(self, kind: str) -> None:
+        event: ServerEvent = (
+            ToolsListChanged()
+            if kind == "tools"
+            else ResourcesListChanged()
+            if kind == "resources"
+            else PromptsListChanged()
+        )
+        await self._bus.publish(event)
+        for connection in list(self._connections):
+            send = getattr(connection, f"send_{kind[:-1]}_list_changed", None)
+            if send is None:
+                continue
+            try:
+                await send()
+            except Exception:  # that client has gone
+                self._connections.discard(connection)
 
     # -- the session layer asks which tools take its ``session`` --------------------------
 
@@ -310,6 +367,7 @@ class GatewayServer(MCPServer[Any]):
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
     ) -> Any:
+        self._seen(context)
         found = self.gateway.pool_for(name)
         if found is None:
             return await super().call_tool(name, arguments, context)

@@ -104,7 +104,7 @@ from ._resources import health, install_session_resources
 from ._runtime import Session, SessionKind, Supervisor, open_supervisor
 from ._settings import Settings
 from ._state import SessionState, TerminationReason
-from ._stdio import _lowlevel
+from ._stdio import _lowlevel, initialization_options
 from ._store import SessionStore, StoreUnavailable
 from ._tools import install_session_tools
 
@@ -236,6 +236,7 @@ class _HttpSessions:
         lifespan_state: Any,
     ) -> None:
         self._lowlevel = _lowlevel(server)
+        self._init_options = initialization_options(server)
         self._layer = layer
         self._security = security
         self._lifespan_state = lifespan_state
@@ -432,6 +433,7 @@ class _HttpSessions:
                             write,
                             lifespan_state=self._lifespan_state,
                             session_id=session_id,
+                            init_options=self._init_options,
                         )
                     else:
                         await self._serve_resumed(
@@ -474,7 +476,11 @@ class _HttpSessions:
         )
         connection.initialized.set()
         await serve_connection(
-            self._lowlevel, dispatcher, connection=connection, lifespan_state=self._lifespan_state
+            self._lowlevel,
+            dispatcher,
+            connection=connection,
+            lifespan_state=self._lifespan_state,
+            init_options=self._init_options,
         )
 
     async def _follow(self, http: _HttpSession, scope: trio.CancelScope) -> None:

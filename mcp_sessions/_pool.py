@@ -590,6 +590,7 @@ class Pool:
         """The upstream's ``kind`` (tools, resources, prompts) changed: list it afresh."""
         self.listings.pop(kind, None)
         self.generations[kind] = self.generations.get(kind, 0) + 1
+        self.gateway.announce(kind)
 
     async def _listen(self, client: Client) -> None:
         """2026-07-28: list changes come on a ``subscriptions/listen`` stream."""

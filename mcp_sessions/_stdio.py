@@ -34,8 +34,9 @@ from typing import Any
 
 import attrs
 import trio
-from mcp.server.lowlevel.server import Server
+from mcp.server.lowlevel.server import NotificationOptions, Server
 from mcp.server.mcpserver import MCPServer
+from mcp.server.models import InitializationOptions
 
 from ._layer import SessionLayer
 from ._resources import install_session_resources
@@ -57,6 +58,16 @@ def default_principal() -> str:
         return getpass.getuser()
     except Exception:  # no passwd entry (containers)
         return f"uid:{os.getuid()}"
+
+
+def initialization_options(server: MCPServer[Any]) -> InitializationOptions:
+    """What the handshake advertises. A server with a ``notification_options``
+    attribute (the gateway: its lists change when an upstream's do) says there
+    which ``list_changed`` notifications it sends to handshake-era clients."""
+    options = getattr(server, "notification_options", None)
+    return _lowlevel(server).create_initialization_options(
+        options if isinstance(options, NotificationOptions) else None
+    )
 
 
 def _lowlevel(server: MCPServer[Any]) -> Server[Any]:
@@ -87,7 +98,7 @@ async def serve_connection(
     lowlevel = _lowlevel(server)
 
     async def loop(read_stream: Any, write_stream: Any) -> None:
-        await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
+        await lowlevel.run(read_stream, write_stream, initialization_options(server))
 
     async with layer.connection():
         try:

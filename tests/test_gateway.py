@@ -53,16 +53,16 @@ def config(
 
 @asynccontextmanager
 async def gateway(
-    cfg: GatewayConfig, mode: str = "legacy", **options: Any
+    cfg: GatewayConfig, mode: str = "legacy", *, message_handler: Any = None, **options: Any
 ) -> AsyncIterator[Client]:
     """The official client connected to the gateway for ``cfg``, served in this process."""
-    async with connected(cfg, mode, **options) as (client, _):
+    async with connected(cfg, mode, message_handler=message_handler, **options) as (client, _):
         yield client
 
 
 @asynccontextmanager
 async def connected(
-    cfg: GatewayConfig, mode: str = "legacy", **options: Any
+    cfg: GatewayConfig, mode: str = "legacy", *, message_handler: Any = None, **options: Any
 ) -> AsyncIterator[tuple[Client, trio.Nursery]]:
     client_stream, server_stream = trio.testing.memory_stream_pair()
     options.setdefault("principal", "alice")
@@ -72,7 +72,8 @@ async def connected(
 
     async with client_stream, server_stream, trio.open_nursery() as nursery:
         nursery.start_soon(serve)
-        async with Client(line_transport(client_stream), mode=mode) as client:
+        transport = line_transport(client_stream)
+        async with Client(transport, mode=mode, message_handler=message_handler) as client:
             yield client, nursery
 
 
@@ -140,15 +141,35 @@ async def test_upstream_tools_resources_and_prompts_are_served_with_a_prefix(mod
         assert "Ada" in str(prompt.messages[0].content)
 
 
-async def test_list_changed_upstream_is_followed() -> None:
-    async with gateway(config()) as c:
+async def test_list_changed_upstream_is_followed_and_told_to_clients() -> None:
+    heard: list[str] = []
+
+    async def on_message(message: Any) -> None:
+        heard.append(getattr(message, "method", ""))
+
+    async with gateway(config(), message_handler=on_message) as c:
+        assert c.server_capabilities.tools is not None
+        assert c.server_capabilities.tools.list_changed  # advertised in the handshake
         before = {tool.name for tool in (await c.list_tools()).tools}
         assert "up__brand_new" not in before
         await c.call_tool("up__add_tool", {"name": "brand_new"})
         with trio.fail_after(5):
-            while "up__brand_new" not in {t.name for t in (await c.list_tools()).tools}:  # noqa: ASYNC110 (polling another process)
-                await trio.sleep(0.05)
+            while "notifications/tools/list_changed" not in heard:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        assert "up__brand_new" in {t.name for t in (await c.list_tools()).tools}
         assert text(await c.call_tool("up__brand_new", {})) == "new"
+
+
+async def test_a_2026_client_hears_of_upstream_changes_on_its_listen_stream() -> None:
+    async with gateway(config(), "2026-07-28") as c:
+        await c.list_tools()
+        async with c.listen(tools_list_changed=True) as subscription:
+            await c.call_tool("up__add_tool", {"name": "brand_new"})
+            with trio.fail_after(5):
+                async for _event in subscription:
+                    break
+        names = {t.name for t in (await c.list_tools(cache_mode="refresh")).tools}
+        assert "up__brand_new" in names
 
 
 # -- the pool ------------------------------------------------------------------------------
