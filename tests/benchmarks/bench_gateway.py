@@ -10,9 +10,11 @@ round by round so that drift hits both alike:
   config (the default pool, or ``--pool '{"max": 1}'``).
 
 Each is measured sequentially (one call at a time) and 50-way concurrent; calls/s of the
-best round and the gateway/direct ratio are printed. Then the latency of one call through
-the gateway on a pooled session against one that must start its upstream (a fresh gateway
-whose pool is empty, ``min`` 0): median of ``--cold`` tries.
+best round and the gateway/direct ratio are printed. ``--work-ms N`` calls the upstream's
+``slow`` tool instead, which waits N ms (a tool that does something: an API call, a query).
+Then the latency of one call through the gateway on a pooled session against one that must
+start its upstream (a fresh gateway whose pool is empty, ``min`` 0): median of ``--cold``
+tries.
 """
 
 from __future__ import annotations
@@ -44,23 +46,27 @@ def params(kind: str, config: Path) -> StdioServerParameters:
     )  # fmt: skip
 
 
+#: The call: ``echo`` (trivial), or ``slow`` for a tool that waits ``--work-ms``.
+CALL: tuple[str, dict[str, object]] = ("echo", {"text": "hi"})
+
+
 def tool(kind: str) -> str:
-    return "echo" if kind == "direct" else "up__echo"
+    return CALL[0] if kind == "direct" else "up__" + CALL[0]
 
 
 async def measure(kind: str, config: Path, calls: int) -> tuple[float, float]:
     name = tool(kind)
     async with Client(params(kind, config), mode="legacy") as client:
         for _ in range(50):  # warm up (and fill the pool)
-            await client.call_tool(name, {"text": "hi"})
+            await client.call_tool(name, CALL[1])
         start = time.perf_counter()
         for _ in range(calls):
-            await client.call_tool(name, {"text": "hi"})
+            await client.call_tool(name, CALL[1])
         sequential = calls / (time.perf_counter() - start)
 
         async def worker(n: int) -> None:
             for _ in range(n):
-                await client.call_tool(name, {"text": "hi"})
+                await client.call_tool(name, CALL[1])
 
         start = time.perf_counter()
         async with trio.open_nursery() as nursery:
@@ -113,5 +119,8 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cold", type=int, default=5)
     parser.add_argument("--pool", type=json.loads, default={}, help="e.g. '{\"max\": 1}'")
+    parser.add_argument("--work-ms", type=float, default=0.0, help="a tool that waits this long")
     args = parser.parse_args()
+    if args.work_ms:
+        CALL = ("slow", {"seconds": args.work_ms / 1000})
     trio.run(main, args.calls, args.rounds, args.cold, args.pool)
