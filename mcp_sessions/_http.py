@@ -760,7 +760,17 @@ async def serve_http(
         aborted = await _serve(server, own, options, task_status)
         if aborted:  # a second signal: do not wait for the store either
             own.abandon_store_waits()
-        await own.shutdown(grace=0 if aborted else grace)
+            await own.shutdown(grace=0)
+        elif handle_signals:
+            # Serving is over, its signal handler gone: a signal while the sessions
+            # shut down must not kill the process, only stop waiting for the store.
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_abandon_on_signal, signals, own)
+                    await own.shutdown(grace=grace)
+                    nursery.cancel_scope.cancel()
+        else:
+            await own.shutdown(grace=grace)
 
 
 @attrs.frozen
@@ -860,6 +870,12 @@ def run_http(server: MCPServer[Any], **kwargs: Any) -> None:
     """
     kwargs.setdefault("handle_signals", True)
     trio.run(partial(serve_http, server, **kwargs))
+
+
+async def _abandon_on_signal(signals: AsyncIterator[int], supervisor: Supervisor) -> None:
+    async for signum in signals:
+        logger.info("%s while stopping: not waiting for the store", signal.Signals(signum).name)
+        supervisor.abandon_store_waits()
 
 
 async def _stop_on_signal(
