@@ -41,12 +41,12 @@ session ends with ``shutdown``, which stops each child's whole process group.
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import copy
 import json
 import logging
 import signal
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -54,6 +54,7 @@ from typing import Any, Literal, TypeVar
 
 import trio
 from mcp.client.client import Client
+from mcp.server.context import CallNext, ServerRequestContext
 from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.lowlevel.server import NotificationOptions
 from mcp.server.mcpserver import Context, MCPServer
@@ -94,6 +95,8 @@ logger = logging.getLogger("mcp_sessions.gateway")
 T = TypeVar("T")
 SEPARATOR = "__"
 STATUS_URI = "gateway://status"
+#: Handshake-era client connections remembered for list-change notifications.
+_MAX_CLIENTS = 1024
 _BREAKER_VALUE = {"closed": 0, "half_open": 1, "open": 2}
 _SESSION_PROPERTY = {
     "type": "string",
@@ -276,6 +279,45 @@ class Gateway:
         return pool, rest
 
 
+class _HandshakeClients:
+    """A middleware that keeps, per handshake-era client connection, the session its last
+    request came in on (the SDK's ``ServerSession``; its notifications go out on the
+    connection, not the request), to tell it of list changes.
+
+    A connection is known by its ``client_params`` (one object per connection, from
+    its ``initialize``); the most recent :data:`_MAX_CLIENTS` are kept. Telling a
+    client that has gone is a no-op (the SDK drops it), and each client gets at most
+    a second, so that one that does not read cannot hold up the others.
+    """
+
+    def __init__(self) -> None:
+        self._sessions: collections.OrderedDict[int, Any] = collections.OrderedDict()
+
+    async def __call__(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> Any:
+        if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+            params = ctx.session.client_params
+            if params is not None:
+                key = id(params)  # stable: the session we keep holds the connection
+                self._sessions[key] = ctx.session
+                self._sessions.move_to_end(key)
+                while len(self._sessions) > _MAX_CLIENTS:
+                    self._sessions.popitem(last=False)
+        return await call_next(ctx)
+
+    async def tell(self, kind: str) -> None:
+        async with trio.open_nursery() as nursery:
+            for session in list(self._sessions.values()):
+                nursery.start_soon(self._tell_one, session, kind)
+
+    @staticmethod
+    async def _tell_one(session: Any, kind: str) -> None:
+        send = getattr(session, f"send_{kind[:-1]}_list_changed", None)
+        if send is None:
+            return
+        with trio.move_on_after(1.0), contextlib.suppress(Exception):
+            await send()
+
+
 class GatewayServer(MCPServer[Any]):
     """An ``MCPServer`` that also serves the upstreams of a :class:`Gateway`."""
 
@@ -294,8 +336,9 @@ class GatewayServer(MCPServer[Any]):
         super().__init__(name, **kwargs)
         self.gateway = gateway
         self._routes: dict[str, Pool] = {}
-        #: Handshake-era client connections seen, told of changes by notification.
-        self._connections: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: Handshake-era clients, told of changes by notification.
+        self._clients = _HandshakeClients()
+        self.middleware.append(self._clients)
         gateway.on_change.append(self._changed)
         self.add_resource(
             FunctionResource.from_function(
@@ -315,13 +358,6 @@ class GatewayServer(MCPServer[Any]):
     async def _status(self) -> str:
         return json.dumps(self.gateway.status(), sort_keys=True)
 
-    def _seen(self, context: Context[Any, Any] | None) -> None:
-        """Remember a handshake-era client's connection, to tell it of list changes."""
-        if context is None or context.protocol_version in MODERN_PROTOCOL_VERSIONS:
-            return
-        with contextlib.suppress(ValueError):  # (no request context)
-            self._connections.add(context.session)
-
     def _changed(self, kind: str) -> None:
         self.gateway.start_soon(self._tell, kind)
 
@@ -334,14 +370,7 @@ class GatewayServer(MCPServer[Any]):
             else PromptsListChanged()
         )
         await self._bus.publish(event)
-        for connection in list(self._connections):
-            send = getattr(connection, f"send_{kind[:-1]}_list_changed", None)
-            if send is None:
-                continue
-            try:
-                await send()
-            except Exception:  # that client has gone
-                self._connections.discard(connection)
+        await self._clients.tell(kind)
 
     # -- the session layer asks which tools take its ``session`` --------------------------
 
@@ -367,7 +396,6 @@ class GatewayServer(MCPServer[Any]):
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
     ) -> Any:
-        self._seen(context)
         found = self.gateway.pool_for(name)
         if found is None:
             return await super().call_tool(name, arguments, context)

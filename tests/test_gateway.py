@@ -160,6 +160,33 @@ async def test_list_changed_upstream_is_followed_and_told_to_clients() -> None:
         assert text(await c.call_tool("up__brand_new", {})) == "new"
 
 
+# The SDK's HTTP client (httpx2) leaves its GET stream's async generators to the garbage
+# collector when a session ends; trio warns about each (as in test_http.py).
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <async_generator object:pytest.PytestUnraisableExceptionWarning"
+)
+async def test_a_client_hears_of_a_change_another_client_caused() -> None:
+    heard: list[str] = []
+
+    async def on_message(message: Any) -> None:
+        heard.append(getattr(message, "method", ""))
+
+    async with trio.open_nursery() as nursery:
+        urls = await nursery.start(
+            partial(serve_gateway, config(), transport="http", port=0, handle_signals=False)
+        )
+        url = urls[0] + "/mcp"
+        async with Client(url, mode="legacy", message_handler=on_message) as a:
+            assert text(await a.call_tool("up__echo", {"text": "x"})) == "x"  # a's call is over
+            async with Client(url, mode="legacy") as b:
+                await b.call_tool("up__add_tool", {"name": "from_b"})
+            with trio.fail_after(5):
+                while "notifications/tools/list_changed" not in heard:  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            assert "up__from_b" in {t.name for t in (await a.list_tools()).tools}
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_2026_client_hears_of_upstream_changes_on_its_listen_stream() -> None:
     async with gateway(config(), "2026-07-28") as c:
         await c.list_tools()
