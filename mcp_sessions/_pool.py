@@ -434,6 +434,7 @@ class Pool:
             and not self.gateway.stopping
             and self._live_count() < self.config.pool.max
             and not self._starting()
+            and trio.current_time() >= self._next_start  # (a start failed meanwhile)
         ):
             self._creating += 1
             await self._start(None, False)

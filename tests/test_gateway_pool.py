@@ -13,7 +13,7 @@ from typing import Any
 import trio
 from mcp.client.client import Client
 
-from mcp_sessions import Gateway, UpstreamBusy, UpstreamError, parse_gateway_config
+from mcp_sessions import Gateway, Hooks, UpstreamBusy, UpstreamError, parse_gateway_config
 
 from .conftest import PYTHON, ROOT
 from .test_gateway import UPSTREAM, alive, config, gateway, status, text
@@ -159,7 +159,11 @@ async def test_an_upstream_that_keeps_dying_is_not_redialled_in_a_loop() -> None
 
 
 async def test_a_session_that_ends_while_its_upstream_starts_leaves_no_upstream() -> None:
-    async with Gateway(config({"isolation": "session"})).running() as gw:
+    async def slow_setup(session: Any) -> None:
+        await trio.sleep(0.5)  # the upstream session is being created for a while
+
+    gateway_ = Gateway(config({"isolation": "session"}), hooks=Hooks(setup=slow_setup))
+    async with gateway_.running() as gw:
         pool = gw.pools["up"]
         async with trio.open_nursery() as nursery:
 
@@ -168,7 +172,7 @@ async def test_a_session_that_ends_while_its_upstream_starts_leaves_no_upstream(
                     await pool.call(pid, owner="gone")
 
             nursery.start_soon(call)
-            await trio.sleep(0.05)  # its upstream is starting
+            await trio.sleep(0.1)  # its upstream session is being created
             pool.end_owner("gone")  # the downstream session ends
         with trio.fail_after(10):
             while pool.status()["pids"]:  # noqa: ASYNC110 (another process)
