@@ -3,8 +3,9 @@ official client connected to ``serve_stdio`` over an in-memory stream pair."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -60,13 +61,25 @@ async def serve_in_process(
 ) -> AsyncIterator[Client]:
     """The official client connected to ``serve_stdio(server, **options)`` in this process,
     over an in-memory stream pair (principal ``alice`` unless ``options`` says otherwise)."""
+    async with connect_in_process(partial(serve_stdio, server), mode, **options) as client:
+        yield client
+
+
+@asynccontextmanager
+async def connect_in_process(
+    serve: Callable[..., Awaitable[None]],
+    mode: str = "auto",
+    *,
+    message_handler: Any = None,
+    **options: Any,
+) -> AsyncIterator[Client]:
+    """The official client connected to ``serve(stdin=..., stdout=..., **options)`` (a
+    stdio server) in this process, over an in-memory stream pair (principal ``alice``
+    unless ``options`` says otherwise)."""
     client_stream, server_stream = trio.testing.memory_stream_pair()
     options.setdefault("principal", "alice")
-
-    async def serve() -> None:
-        await serve_stdio(server, stdin=server_stream, stdout=server_stream, **options)
-
     async with client_stream, server_stream, trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
-        async with Client(line_transport(client_stream), mode=mode) as client:
+        nursery.start_soon(partial(serve, stdin=server_stream, stdout=server_stream, **options))
+        transport = line_transport(client_stream)
+        async with Client(transport, mode=mode, message_handler=message_handler) as client:
             yield client

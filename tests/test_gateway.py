@@ -30,7 +30,7 @@ from mcp_sessions._breaker import Breaker, BreakerState
 from mcp_sessions._gateway import serve_gateway
 from mcp_sessions._gateway_config import GatewayConfig, parse_config
 
-from ._wire import line_transport
+from ._wire import connect_in_process
 from .conftest import PYTHON, ROOT
 from .test_server_e2e import error_code, ok
 
@@ -56,25 +56,9 @@ async def gateway(
     cfg: GatewayConfig, mode: str = "legacy", *, message_handler: Any = None, **options: Any
 ) -> AsyncIterator[Client]:
     """The official client connected to the gateway for ``cfg``, served in this process."""
-    async with connected(cfg, mode, message_handler=message_handler, **options) as (client, _):
-        yield client
-
-
-@asynccontextmanager
-async def connected(
-    cfg: GatewayConfig, mode: str = "legacy", *, message_handler: Any = None, **options: Any
-) -> AsyncIterator[tuple[Client, trio.Nursery]]:
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    options.setdefault("principal", "alice")
-
-    async def serve() -> None:
-        await serve_gateway(cfg, stdin=server_stream, stdout=server_stream, **options)
-
-    async with client_stream, server_stream, trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
-        transport = line_transport(client_stream)
-        async with Client(transport, mode=mode, message_handler=message_handler) as client:
-            yield client, nursery
+    serve = partial(serve_gateway, cfg)
+    async with connect_in_process(serve, mode, message_handler=message_handler, **options) as c:
+        yield c
 
 
 async def status(client: Client) -> dict[str, Any]:

@@ -119,7 +119,19 @@ async def _start_and_spawn(process: subprocess.Popen[bytes]) -> tuple[int, int]:
 async def test_a_bad_config_is_one_line_and_a_failure(
     tmp_path: Path, servers: object, expected: str
 ) -> None:
-    path = write_config(tmp_path, servers)
+    line = await refused(write_config(tmp_path, servers))
+    assert expected in line
+
+
+async def test_a_missing_or_broken_config_file(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"mcpServers": {')
+    for path in (tmp_path / "absent.json", broken):
+        assert str(path) in await refused(path)
+
+
+async def refused(path: Path) -> str:
+    """Run ``mcp-sessions gateway --config path``: it must fail with one line on stderr."""
     done = await trio.run_process(
         [PYTHON, "-m", "mcp_sessions", "gateway", "--config", str(path)],
         stdin=subprocess.DEVNULL,
@@ -131,21 +143,4 @@ async def test_a_bad_config_is_one_line_and_a_failure(
     assert done.stdout == b""
     lines = done.stderr.decode().strip().splitlines()
     assert len(lines) == 1, lines
-    assert expected in lines[0]
-
-
-async def test_a_missing_or_broken_config_file(tmp_path: Path) -> None:
-    broken = tmp_path / "broken.json"
-    broken.write_text('{"mcpServers": {')
-    for path in (tmp_path / "absent.json", broken):
-        done = await trio.run_process(
-            [PYTHON, "-m", "mcp_sessions", "gateway", "--config", str(path)],
-            stdin=subprocess.DEVNULL,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-        assert done.returncode != 0
-        lines = done.stderr.decode().strip().splitlines()
-        assert len(lines) == 1, lines
-        assert str(path) in lines[0]
+    return lines[0]
