@@ -69,6 +69,7 @@ from mcp.shared.subscriptions import (
 )
 from mcp_types import (
     INTERNAL_ERROR,
+    METHOD_NOT_FOUND,
     BlobResourceContents,
     CallToolResult,
     GetPromptResult,
@@ -483,23 +484,25 @@ class GatewayServer(MCPServer[Any]):
     async def _listing(self, pool: Pool, kind: str) -> list[Any]:
         """An upstream's tools, resources or prompts (cached until it says they changed).
 
-        An upstream that cannot answer is left out (and logged), not an error
-        for the whole listing.
+        Whatever is not cached is listed in the same pooled call (one member
+        taken, not three: under a tight process cap, listings must not evict
+        each other). An upstream that cannot answer is left out (and logged),
+        not an error for the whole listing.
         """
         cached = pool.listings.get(kind)
         if cached is not None:
             return list(cached)
-        generation = pool.generations.get(kind, 0)
+        missing = [k for k in _KINDS if k not in pool.listings]
+        generations = {k: pool.generations.get(k, 0) for k in missing}
         try:
-            items = await pool.call(partial(_list_all, kind))
+            listed = await pool.call(partial(_list_kinds, missing))
         except (UpstreamError, MCPError) as exc:
-            if not (isinstance(exc, MCPError) and exc.code == -32601):  # method not found
-                logger.warning("upstream %s: cannot list its %s: %s", pool.name, kind, exc)
-                return []
-            items = []
-        if pool.generations.get(kind, 0) == generation:  # no change announced meanwhile
-            pool.listings[kind] = items
-        return list(items)
+            logger.warning("upstream %s: cannot list its %s: %s", pool.name, kind, exc)
+            return []
+        for k, items in listed.items():
+            if pool.generations.get(k, 0) == generations[k]:  # no change announced meanwhile
+                pool.listings[k] = items
+        return list(listed[kind])
 
 
 def _forwarded_tool(pool: Pool, tool: Tool) -> Tool:
@@ -516,6 +519,24 @@ def _forwarded_tool(pool: Pool, tool: Tool) -> Tool:
 
 async def _call_tool(name: str, arguments: dict[str, Any], client: Client) -> CallToolResult:
     return await client.call_tool(name, arguments)
+
+
+#: What an upstream lists, as its capabilities name them.
+_KINDS = ("tools", "resources", "prompts")
+
+
+async def _list_kinds(kinds: list[str], client: Client) -> dict[str, list[Any]]:
+    """Each of ``kinds``, all pages; empty for what the upstream does not serve."""
+    capabilities = client.server_capabilities
+    listed: dict[str, list[Any]] = {}
+    for kind in kinds:
+        try:
+            listed[kind] = await _list_all(kind, client) if getattr(capabilities, kind) else []
+        except MCPError as exc:
+            if exc.code != METHOD_NOT_FOUND:
+                raise
+            listed[kind] = []
+    return listed
 
 
 async def _list_all(kind: str, client: Client) -> list[Any]:

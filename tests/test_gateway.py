@@ -336,6 +336,25 @@ async def test_the_cap_on_child_processes_evicts_an_idle_session_of_another_upst
             assert "cap of 1 child processes" in refused.structured_content["error"]["message"]  # type: ignore[index]
 
 
+async def test_listings_under_the_cap_start_each_upstream_once() -> None:
+    """Tools, resources and prompts of an upstream come in one pooled call: listing
+    everything under a cap of one process does not evict back and forth."""
+    both = {
+        "a": {"command": PYTHON, "args": [UPSTREAM]},
+        "b": {"command": PYTHON, "args": [UPSTREAM]},
+    }
+    cfg = parse_config({"mcpServers": both, "gateway": {"max_processes": 1}})
+    async with gateway(cfg) as c:
+        tools = {t.name for t in (await c.list_tools()).tools}
+        resources = {r.name for r in (await c.list_resources()).resources}
+        prompts = {p.name for p in (await c.list_prompts()).prompts}
+        assert {"a__echo", "b__echo"} <= tools
+        assert {"a__greet", "b__greet"} <= prompts
+        assert resources
+        s = await status(c)
+        assert (s["a"]["started"], s["b"]["started"]) == (1, 1)
+
+
 # -- isolation -----------------------------------------------------------------------------
 
 

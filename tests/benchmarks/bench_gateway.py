@@ -13,8 +13,8 @@ Each is measured sequentially (one call at a time) and 50-way concurrent; calls/
 best round and the gateway/direct ratio are printed. ``--work-ms N`` calls the upstream's
 ``slow`` tool instead, which waits N ms (a tool that does something: an API call, a query).
 Then the latency of one call through the gateway on a pooled session against one that must
-start its upstream (a fresh gateway whose pool is empty, ``min`` 0): median of ``--cold``
-tries.
+start its upstream (the pool emptied first: ``idle_timeout`` 0.1 s, ``min`` 0, waited until
+no upstream process is left): median of ``--cold`` tries.
 """
 
 from __future__ import annotations
@@ -77,11 +77,22 @@ async def measure(kind: str, config: Path, calls: int) -> tuple[float, float]:
 
 
 async def latencies(config: Path, tries: int) -> tuple[float, float]:
-    """Median ms of a call that starts the upstream, and of one on a pooled session."""
+    """Median ms of a call that starts the upstream, and of one on a pooled session.
+
+    ``config``'s pool ends idle sessions at once (``idle_timeout`` 0.1 s, ``min`` 0):
+    after each pooled run the pool is waited until empty (no upstream process left, per
+    ``gateway://status``), so the next call must start its upstream: spawn, initialize,
+    call, as a gateway without a pool pays on every call.
+    """
     cold: list[float] = []
     warm: list[float] = []
-    for _ in range(tries):
-        async with Client(params("gateway", config), mode="legacy") as client:
+    async with Client(params("gateway", config), mode="legacy") as client:
+        for _ in range(tries):
+            while True:  # until the idle session has ended
+                status = await client.read_resource("gateway://status")
+                if not json.loads(status.contents[0].text)["up"]["pids"]:  # type: ignore[union-attr]
+                    break
+                await trio.sleep(0.05)
             start = time.perf_counter()
             await client.call_tool("up__echo", {"text": "hi"})
             cold.append(time.perf_counter() - start)
@@ -108,7 +119,10 @@ async def main(calls: int, rounds: int, cold_tries: int, pool: dict[str, object]
         ratio_s = best["gateway"][0] / best["direct"][0]
         ratio_c = best["gateway"][1] / best["direct"][1]
         print(f"{'ratio':10} {ratio_s:12.2f} {ratio_c:12.2f}   gateway / direct")
-        cold, warm = await latencies(config, cold_tries)
+        cold_config = Path(tmp) / "cold.json"
+        quick = {**upstream, "pool": {**pool, "min": 0, "idle_timeout": 0.1}}
+        cold_config.write_text(json.dumps({"mcpServers": {"up": quick}}))
+        cold, warm = await latencies(cold_config, cold_tries)
         print(f"latency through the gateway: {warm:.2f} ms pooled, {cold:.1f} ms when the "
               f"call starts its upstream (median of {cold_tries})")  # fmt: skip
 
