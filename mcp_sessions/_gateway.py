@@ -60,6 +60,7 @@ from mcp.server.lowlevel.server import NotificationOptions
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.resources import FunctionResource
 from mcp.server.subscriptions import InMemorySubscriptionBus
+from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
 from mcp.shared.subscriptions import (
     PromptsListChanged,
@@ -411,7 +412,8 @@ class GatewayServer(MCPServer[Any]):
                 return tool_error(exc)
         try:
             result: CallToolResult = await pool.call(
-                partial(_call_tool, upstream_name, arguments), owner=owner
+                partial(_call_tool, upstream_name, arguments, _progress_relay(context)),
+                owner=owner,
             )
         except UpstreamError as exc:
             return tool_error(exc)
@@ -517,8 +519,24 @@ def _forwarded_tool(pool: Pool, tool: Tool) -> Tool:
                                    "input_schema": schema})  # fmt: skip
 
 
-async def _call_tool(name: str, arguments: dict[str, Any], client: Client) -> CallToolResult:
-    return await client.call_tool(name, arguments)
+def _progress_relay(context: Context[Any, Any] | None) -> ProgressFnT | None:
+    """Relay the upstream's progress to the caller, if the caller asked for progress."""
+    if context is None:
+        return None
+    meta = context.request_context.meta
+    if meta is None or meta.get("progress_token") is None:
+        return None
+
+    async def relay(progress: float, total: float | None, message: str | None) -> None:
+        await context.report_progress(progress, total, message)
+
+    return relay
+
+
+async def _call_tool(
+    name: str, arguments: dict[str, Any], progress: ProgressFnT | None, client: Client
+) -> CallToolResult:
+    return await client.call_tool(name, arguments, progress_callback=progress)
 
 
 #: What an upstream lists, as its capabilities name them.

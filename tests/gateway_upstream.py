@@ -5,7 +5,8 @@
 Tools: ``echo``, ``add``, ``pid`` (this process's), ``remember``/``recall`` (state kept
 per process), ``slow(seconds)``, ``hang`` (never answers), ``crash`` (exits mid-call),
 ``spawn_grandchild`` (starts ``sleep 1000`` and returns its pid), ``fail`` (a tool error),
-``add_tool(name)`` (adds a tool and announces the change, in both eras). A resource
+``add_tool(name)`` (adds a tool and announces the change, in both eras), ``steps(n)``
+(reports progress n times, then returns whether the caller asked for progress). A resource
 ``test://info`` and a prompt ``greet``. ``--fail-start`` exits 1 at once;
 ``--fail-start-if PATH`` does while PATH exists; ``--start-delay`` sleeps first.
 """
@@ -56,6 +57,14 @@ async def recall(key: str) -> str:
 async def slow(seconds: float) -> str:
     await anyio.sleep(seconds)
     return "done"
+
+
+@server.tool()
+async def steps(n: int, ctx: Context) -> str:
+    for i in range(1, n + 1):
+        await ctx.report_progress(i, n, f"step {i}")
+    meta = ctx.request_context.meta
+    return "asked" if meta is not None and meta.get("progress_token") is not None else "not asked"
 
 
 @server.tool()

@@ -125,6 +125,22 @@ async def test_upstream_tools_resources_and_prompts_are_served_with_a_prefix(mod
         assert "Ada" in str(prompt.messages[0].content)
 
 
+
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
+async def test_upstream_progress_reaches_a_caller_that_asked_for_it(mode: str) -> None:
+    heard: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        heard.append((progress, total, message))
+
+    async with gateway(config(), mode) as c:
+        done = await c.call_tool("up__steps", {"n": 3}, progress_callback=on_progress)
+        assert text(done) == "asked"
+        assert heard == [(1, 3, "step 1"), (2, 3, "step 2"), (3, 3, "step 3")]
+        # A caller that did not ask is not asked on its behalf upstream.
+        assert text(await c.call_tool("up__steps", {"n": 2})) == "not asked"
+        assert len(heard) == 3
+
 async def test_list_changed_upstream_is_followed_and_told_to_clients() -> None:
     heard: list[str] = []
 
