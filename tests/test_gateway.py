@@ -125,7 +125,6 @@ async def test_upstream_tools_resources_and_prompts_are_served_with_a_prefix(mod
         assert "Ada" in str(prompt.messages[0].content)
 
 
-
 @pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
 async def test_upstream_progress_reaches_a_caller_that_asked_for_it(mode: str) -> None:
     heard: list[tuple[float, float | None, str | None]] = []
@@ -140,6 +139,7 @@ async def test_upstream_progress_reaches_a_caller_that_asked_for_it(mode: str) -
         # A caller that did not ask is not asked on its behalf upstream.
         assert text(await c.call_tool("up__steps", {"n": 2})) == "not asked"
         assert len(heard) == 3
+
 
 async def test_list_changed_upstream_is_followed_and_told_to_clients() -> None:
     heard: list[str] = []
