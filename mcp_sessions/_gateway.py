@@ -69,6 +69,7 @@ from mcp.shared.subscriptions import (
     ToolsListChanged,
 )
 from mcp_types import (
+    CONNECTION_CLOSED,
     INTERNAL_ERROR,
     METHOD_NOT_FOUND,
     BlobResourceContents,
@@ -496,15 +497,18 @@ class GatewayServer(MCPServer[Any]):
             return list(cached)
         missing = [k for k in _KINDS if k not in pool.listings]
         generations = {k: pool.generations.get(k, 0) for k in missing}
+        listed: dict[str, list[Any] | Exception]
         try:
-            listed = await pool.call(partial(_list_kinds, missing))
+            listed = dict(await pool.call(partial(_list_kinds, missing)))
         except (UpstreamError, MCPError) as exc:
-            logger.warning("upstream %s: cannot list its %s: %s", pool.name, kind, exc)
-            return []
+            listed = {kind: exc}
         for k, items in listed.items():
-            if pool.generations.get(k, 0) == generations[k]:  # no change announced meanwhile
+            if isinstance(items, Exception):
+                logger.warning("upstream %s: cannot list its %s: %s", pool.name, k, items)
+            elif pool.generations.get(k, 0) == generations[k]:  # no change announced meanwhile
                 pool.listings[k] = items
-        return list(listed[kind])
+        found = listed[kind]
+        return [] if isinstance(found, Exception) else list(found)
 
 
 def _forwarded_tool(pool: Pool, tool: Tool) -> Tool:
@@ -543,17 +547,18 @@ async def _call_tool(
 _KINDS = ("tools", "resources", "prompts")
 
 
-async def _list_kinds(kinds: list[str], client: Client) -> dict[str, list[Any]]:
-    """Each of ``kinds``, all pages; empty for what the upstream does not serve."""
+async def _list_kinds(kinds: list[str], client: Client) -> dict[str, list[Any] | MCPError]:
+    """Each of ``kinds``, all pages (empty for what the upstream does not serve), or the
+    error its listing answered (each kind on its own: one failing leaves the others)."""
     capabilities = client.server_capabilities
-    listed: dict[str, list[Any]] = {}
+    listed: dict[str, list[Any] | MCPError] = {}
     for kind in kinds:
         try:
             listed[kind] = await _list_all(kind, client) if getattr(capabilities, kind) else []
         except MCPError as exc:
-            if exc.code != METHOD_NOT_FOUND:
-                raise
-            listed[kind] = []
+            if exc.code == CONNECTION_CLOSED:
+                raise  # the upstream went away: the pool's failure, not the listing's
+            listed[kind] = [] if exc.code == METHOD_NOT_FOUND else exc
     return listed
 
 

@@ -1,6 +1,7 @@
 """A test upstream for the gateway: an MCP server over stdio that can misbehave on request.
 
     python tests/gateway_upstream.py [--fail-start] [--fail-start-if PATH] [--start-delay S]
+                                     [--fail-list KIND]
 
 Tools: ``echo``, ``add``, ``pid`` (this process's), ``remember``/``recall`` (state kept
 per process), ``slow(seconds)``, ``hang`` (never answers), ``crash`` (exits mid-call),
@@ -8,7 +9,8 @@ per process), ``slow(seconds)``, ``hang`` (never answers), ``crash`` (exits mid-
 ``add_tool(name)`` (adds a tool and announces the change, in both eras), ``steps(n)``
 (reports progress n times, then returns whether the caller asked for progress). A resource
 ``test://info`` and a prompt ``greet``. ``--fail-start`` exits 1 at once;
-``--fail-start-if PATH`` does while PATH exists; ``--start-delay`` sleeps first.
+``--fail-start-if PATH`` does while PATH exists; ``--start-delay`` sleeps first;
+``--fail-list KIND`` makes listing ``tools``, ``resources`` or ``prompts`` an internal error.
 """
 
 from __future__ import annotations
@@ -118,12 +120,19 @@ def main() -> None:
     parser.add_argument("--fail-start", action="store_true")
     parser.add_argument("--fail-start-if")
     parser.add_argument("--start-delay", type=float, default=0.0)
+    parser.add_argument("--fail-list", choices=["tools", "resources", "prompts"])
     args = parser.parse_args()
     if args.fail_start or (args.fail_start_if and os.path.exists(args.fail_start_if)):
         print("gateway_upstream: failing to start, as asked", file=sys.stderr)
         sys.exit(1)
     if args.start_delay:
         time.sleep(args.start_delay)
+    if args.fail_list:
+
+        async def broken() -> list[object]:
+            raise RuntimeError(f"listing {args.fail_list} fails, as asked")
+
+        setattr(server, f"list_{args.fail_list}", broken)
     server.run()
 
 

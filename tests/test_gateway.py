@@ -371,6 +371,14 @@ async def test_listings_under_the_cap_start_each_upstream_once() -> None:
         assert (s["a"]["started"], s["b"]["started"]) == (1, 1)
 
 
+async def test_an_upstream_whose_resource_listing_fails_still_lists_its_tools() -> None:
+    async with gateway(config(args=("--fail-list", "resources"))) as c:
+        assert "up__echo" in {t.name for t in (await c.list_tools()).tools}
+        assert "up__info" not in {r.name for r in (await c.list_resources()).resources}
+        assert "up__greet" in {p.name for p in (await c.list_prompts()).prompts}
+        assert text(await c.call_tool("up__echo", {"text": "still"})) == "still"
+
+
 # -- isolation -----------------------------------------------------------------------------
 
 
