@@ -46,6 +46,7 @@ import contextlib
 import copy
 import json
 import logging
+import re
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -339,6 +340,8 @@ class GatewayServer(MCPServer[Any]):
         super().__init__(name, **kwargs)
         self.gateway = gateway
         self._routes: dict[str, Pool] = {}
+        #: Upstreams' resource templates, in listing order: the first that matches serves.
+        self._template_routes: list[tuple[re.Pattern[str], Pool]] = []
         #: Handshake-era clients, told of changes by notification.
         self._clients = _HandshakeClients()
         self.middleware.append(self._clients)
@@ -439,12 +442,25 @@ class GatewayServer(MCPServer[Any]):
         self._routes = routes
         return resources
 
+    async def list_resource_templates(self) -> list[Any]:
+        templates: list[Any] = await super().list_resource_templates()
+        routes: list[tuple[re.Pattern[str], Pool]] = []
+        for pool in self.gateway.pools.values():
+            for template in await self._listing(pool, "resource_templates"):
+                routes.append((_template_pattern(template.uri_template), pool))
+                templates.append(
+                    template.model_copy(update={"name": pool.name + SEPARATOR + template.name})
+                )
+        self._template_routes = routes
+        return templates
+
     async def read_resource(self, uri: Any, context: Context[Any, Any] | None = None) -> Any:
         key = str(uri)
-        pool = self._routes.get(key)
+        pool = self._route(key)
         if pool is None and not key.startswith(("sessions://", "gateway://")):
             await self.list_resources()
-            pool = self._routes.get(key)
+            await self.list_resource_templates()
+            pool = self._route(key)
         if pool is None:
             return await super().read_resource(uri, context)
         try:
@@ -452,6 +468,13 @@ class GatewayServer(MCPServer[Any]):
         except UpstreamError as exc:
             raise _rpc_error(exc) from None
         return [_contents(item) for item in result.contents]
+
+    def _route(self, uri: str) -> Pool | None:
+        """The upstream serving ``uri``: one that listed it, else one whose template matches."""
+        pool = self._routes.get(uri)
+        if pool is not None:
+            return pool
+        return next((p for pattern, p in self._template_routes if pattern.fullmatch(uri)), None)
 
     # -- prompts -------------------------------------------------------------------------
 
@@ -543,8 +566,24 @@ async def _call_tool(
     return await client.call_tool(name, arguments, progress_callback=progress)
 
 
-#: What an upstream lists, as its capabilities name them.
-_KINDS = ("tools", "resources", "prompts")
+#: What an upstream lists, and the capability that says it serves it.
+_KINDS = {
+    "tools": "tools",
+    "resources": "resources",
+    "resource_templates": "resources",
+    "prompts": "prompts",
+}
+
+
+def _template_pattern(template: str) -> re.Pattern[str]:
+    """A URI template (RFC 6570) as a pattern of the URIs it expands to: ``{name}`` is one
+    segment, ``{+name}``/``{#name}`` any text, other operators any text without ``/``."""
+    parts: list[str] = []
+    for literal, expression in re.findall(r"([^{]*)(\{[^}]*\}|$)", template):
+        parts.append(re.escape(literal))
+        if expression:
+            parts.append(".*" if expression[1:2] in ("+", "#") else "[^/]*")
+    return re.compile("".join(parts))
 
 
 async def _list_kinds(kinds: list[str], client: Client) -> dict[str, list[Any] | MCPError]:
@@ -554,7 +593,8 @@ async def _list_kinds(kinds: list[str], client: Client) -> dict[str, list[Any] |
     listed: dict[str, list[Any] | MCPError] = {}
     for kind in kinds:
         try:
-            listed[kind] = await _list_all(kind, client) if getattr(capabilities, kind) else []
+            served = getattr(capabilities, _KINDS[kind])
+            listed[kind] = await _list_all(kind, client) if served else []
         except MCPError as exc:
             if exc.code == CONNECTION_CLOSED:
                 raise  # the upstream went away: the pool's failure, not the listing's
@@ -572,6 +612,9 @@ async def _list_all(kind: str, client: Client) -> list[Any]:
         elif kind == "resources":
             page = await client.list_resources(cursor=cursor)
             items += page.resources
+        elif kind == "resource_templates":
+            page = await client.list_resource_templates(cursor=cursor)
+            items += page.resource_templates
         else:
             page = await client.list_prompts(cursor=cursor)
             items += page.prompts

@@ -588,9 +588,11 @@ class Pool:
         self._dispatch()
 
     def changed(self, kind: str) -> None:
-        """The upstream's ``kind`` (tools, resources, prompts) changed: list it afresh."""
-        self.listings.pop(kind, None)
-        self.generations[kind] = self.generations.get(kind, 0) + 1
+        """The upstream's ``kind`` (tools, resources, prompts) changed: list it afresh
+        (resources: their templates too)."""
+        for listed in (kind, "resource_templates") if kind == "resources" else (kind,):
+            self.listings.pop(listed, None)
+            self.generations[listed] = self.generations.get(listed, 0) + 1
         self.gateway.announce(kind)
 
     async def _listen(self, client: Client) -> None:

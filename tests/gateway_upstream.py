@@ -8,7 +8,8 @@ per process), ``slow(seconds)``, ``hang`` (never answers), ``crash`` (exits mid-
 ``spawn_grandchild`` (starts ``sleep 1000`` and returns its pid), ``fail`` (a tool error),
 ``add_tool(name)`` (adds a tool and announces the change, in both eras), ``steps(n)``
 (reports progress n times, then returns whether the caller asked for progress). A resource
-``test://info`` and a prompt ``greet``. ``--fail-start`` exits 1 at once;
+``test://info``, a template ``test://notes/{key}`` (what ``remember`` kept) and a prompt
+``greet``. ``--fail-start`` exits 1 at once;
 ``--fail-start-if PATH`` does while PATH exists; ``--start-delay`` sleeps first;
 ``--fail-list KIND`` makes listing ``tools``, ``resources`` or ``prompts`` an internal error.
 """
@@ -108,6 +109,11 @@ async def add_tool(name: str, ctx: Context) -> str:
 @server.resource("test://info", name="info")
 def info() -> str:
     return "upstream info"
+
+
+@server.resource("test://notes/{key}", name="note")
+def note(key: str) -> str:
+    return f"note {key}: {memory.get(key, '')}"
 
 
 @server.prompt()

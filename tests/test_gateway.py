@@ -119,6 +119,13 @@ async def test_upstream_tools_resources_and_prompts_are_served_with_a_prefix(mod
         read = await c.read_resource("test://info")
         assert isinstance(read.contents[0], TextResourceContents)
         assert read.contents[0].text == "upstream info"
+        # Templated resources: read through the upstream they match, listed with the prefix.
+        await c.call_tool("up__remember", {"key": "k1", "value": "kept"})
+        note = (await c.read_resource("test://notes/k1")).contents[0]
+        assert isinstance(note, TextResourceContents)
+        assert note.text == "note k1: kept"
+        templates = (await c.list_resource_templates()).resource_templates
+        assert {(t.name, t.uri_template) for t in templates} >= {("up__note", "test://notes/{key}")}
         prompts = {p.name for p in (await c.list_prompts()).prompts}
         assert "up__greet" in prompts
         prompt = await c.get_prompt("up__greet", {"name": "Ada"})
