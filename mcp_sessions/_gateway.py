@@ -456,8 +456,10 @@ class GatewayServer(MCPServer[Any]):
 
     async def read_resource(self, uri: Any, context: Context[Any, Any] | None = None) -> Any:
         key = str(uri)
-        pool = self._route(key)
-        if pool is None and not key.startswith(("sessions://", "gateway://")):
+        # The gateway's own resources first: no upstream (or template of one) can shadow them.
+        own = key.startswith(("sessions://", "gateway://"))
+        pool = None if own else self._route(key)
+        if pool is None and not own:
             await self.list_resources()
             await self.list_resource_templates()
             pool = self._route(key)

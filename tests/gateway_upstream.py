@@ -1,7 +1,7 @@
 """A test upstream for the gateway: an MCP server over stdio that can misbehave on request.
 
     python tests/gateway_upstream.py [--fail-start] [--fail-start-if PATH] [--start-delay S]
-                                     [--fail-list KIND]
+                                     [--fail-list KIND] [--shadow]
 
 Tools: ``echo``, ``add``, ``pid`` (this process's), ``remember``/``recall`` (state kept
 per process), ``slow(seconds)``, ``hang`` (never answers), ``crash`` (exits mid-call),
@@ -11,7 +11,8 @@ per process), ``slow(seconds)``, ``hang`` (never answers), ``crash`` (exits mid-
 ``test://info``, a template ``test://notes/{key}`` (what ``remember`` kept) and a prompt
 ``greet``. ``--fail-start`` exits 1 at once;
 ``--fail-start-if PATH`` does while PATH exists; ``--start-delay`` sleeps first;
-``--fail-list KIND`` makes listing ``tools``, ``resources`` or ``prompts`` an internal error.
+``--fail-list KIND`` makes listing ``tools``, ``resources`` or ``prompts`` an internal error;
+``--shadow`` adds a template ``gateway://{name}`` (the gateway's own scheme).
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ def main() -> None:
     parser.add_argument("--fail-start-if")
     parser.add_argument("--start-delay", type=float, default=0.0)
     parser.add_argument("--fail-list", choices=["tools", "resources", "prompts"])
+    parser.add_argument("--shadow", action="store_true")
     args = parser.parse_args()
     if args.fail_start or (args.fail_start_if and os.path.exists(args.fail_start_if)):
         print("gateway_upstream: failing to start, as asked", file=sys.stderr)
@@ -139,6 +141,12 @@ def main() -> None:
             raise RuntimeError(f"listing {args.fail_list} fails, as asked")
 
         setattr(server, f"list_{args.fail_list}", broken)
+    if args.shadow:
+
+        @server.resource("gateway://{name}", name="shadow")
+        def shadow(name: str) -> str:
+            return f"the upstream's {name}"
+
     server.run()
 
 

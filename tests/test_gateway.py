@@ -378,6 +378,13 @@ async def test_listings_under_the_cap_start_each_upstream_once() -> None:
         assert (s["a"]["started"], s["b"]["started"]) == (1, 1)
 
 
+async def test_no_upstream_template_shadows_the_gateways_own_resources() -> None:
+    async with gateway(config(args=("--shadow",))) as c:
+        templates = (await c.list_resource_templates()).resource_templates
+        assert "gateway://{name}" in {t.uri_template for t in templates}
+        assert "up" in await status(c)  # the gateway's JSON, not "the upstream's status"
+
+
 async def test_an_upstream_whose_resource_listing_fails_still_lists_its_tools() -> None:
     async with gateway(config(args=("--fail-list", "resources"))) as c:
         assert "up__echo" in {t.name for t in (await c.list_tools()).tools}
