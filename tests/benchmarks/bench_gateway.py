@@ -2,10 +2,12 @@
 
     .venv/bin/python tests/benchmarks/bench_gateway.py [--calls 1000] [--rounds 3]
 
-Two ways to one upstream (``tests/gateway_upstream.py``, its ``echo`` tool), alternated
-round by round so that drift hits both alike:
+Three ways to one upstream (``tests/gateway_upstream.py``, its ``echo`` tool), alternated
+round by round so that drift hits all alike:
 
 - ``direct``: the client starts the upstream itself;
+- ``relay``: through ``byte_relay.py``, a process that only copies bytes both ways: the
+  floor of any stdio gateway (one more process and two more pipe hops, no protocol);
 - ``gateway``: the client starts ``mcp-sessions gateway`` with that upstream in its
   config (the default pool, or ``--pool '{"max": 1}'``).
 
@@ -33,12 +35,15 @@ from mcp.client.stdio import StdioServerParameters
 
 ROOT = Path(__file__).resolve().parents[2]
 UPSTREAM = str(ROOT / "tests" / "gateway_upstream.py")
+RELAY = str(ROOT / "tests" / "benchmarks" / "byte_relay.py")
 CONCURRENCY = 50
 
 
 def params(kind: str, config: Path) -> StdioServerParameters:
     if kind == "direct":
         return StdioServerParameters(command=sys.executable, args=[UPSTREAM])
+    if kind == "relay":
+        return StdioServerParameters(command=sys.executable, args=[RELAY, sys.executable, UPSTREAM])
     return StdioServerParameters(
         command=sys.executable,
         args=["-m", "mcp_sessions", "gateway", "--config", str(config), "--store", "memory",
@@ -51,7 +56,7 @@ CALL: tuple[str, dict[str, object]] = ("echo", {"text": "hi"})
 
 
 def tool(kind: str) -> str:
-    return CALL[0] if kind == "direct" else "up__" + CALL[0]
+    return "up__" + CALL[0] if kind == "gateway" else CALL[0]
 
 
 async def measure(kind: str, config: Path, calls: int) -> tuple[float, float]:
@@ -108,7 +113,7 @@ async def main(calls: int, rounds: int, cold_tries: int, pool: dict[str, object]
         config = Path(tmp) / "gateway.json"
         upstream = {"command": sys.executable, "args": [UPSTREAM], "pool": pool}
         config.write_text(json.dumps({"mcpServers": {"up": upstream}}))
-        results: dict[str, list[tuple[float, float]]] = {"direct": [], "gateway": []}
+        results: dict[str, list[tuple[float, float]]] = {"direct": [], "relay": [], "gateway": []}
         for _ in range(rounds):
             for kind in results:
                 results[kind].append(await measure(kind, config, calls))
@@ -116,9 +121,10 @@ async def main(calls: int, rounds: int, cold_tries: int, pool: dict[str, object]
         print(f"{'':10} {'sequential':>12} {'50-way':>12}   calls/s, best of {rounds}")
         for kind, (seq, conc) in best.items():
             print(f"{kind:10} {seq:12.0f} {conc:12.0f}")
-        ratio_s = best["gateway"][0] / best["direct"][0]
-        ratio_c = best["gateway"][1] / best["direct"][1]
-        print(f"{'ratio':10} {ratio_s:12.2f} {ratio_c:12.2f}   gateway / direct")
+        for kind in ("relay", "gateway"):
+            ratio_s = best[kind][0] / best["direct"][0]
+            ratio_c = best[kind][1] / best["direct"][1]
+            print(f"{'ratio':10} {ratio_s:12.2f} {ratio_c:12.2f}   {kind} / direct")
         cold_config = Path(tmp) / "cold.json"
         quick = {**upstream, "pool": {**pool, "min": 0, "idle_timeout": 0.1}}
         cold_config.write_text(json.dumps({"mcpServers": {"up": quick}}))
